@@ -1,0 +1,4 @@
+"""The unified dropout framework (where x pattern x compensation) applied to transformers models."""
+from hiddenkey_ds.dropout.config import PRESETS, AttentionDropout, DropoutConfig, HiddenDropout, KeyDropout
+
+__all__ = ["PRESETS", "AttentionDropout", "DropoutConfig", "HiddenDropout", "KeyDropout"]
