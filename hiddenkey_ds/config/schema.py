@@ -1,0 +1,251 @@
+"""The recipe schema: every key a recipe may set, its type, default and meaning.
+
+Each section is a pydantic model with ``extra="forbid"`` so that a misspelt key is an error, never a silently
+ignored setting. Field descriptions are the user documentation: the README key reference is generated from
+them (``hiddenkey_ds.config.reference_markdown``).
+
+Checks that need only one field live here (types, ranges, allowed values); checks across sections or against
+the outside world (world size, the DeepSpeed JSON, the output directory) live in ``validate.py``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hiddenkey_ds.dropout.config import DropoutConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunSection(_Section):
+    output_dir: str = Field(
+        description="run directory (config.yaml, metrics.jsonl, checkpoints/, adapter/, summary.json); a directory "
+        "holding a finished run (summary.json) is never overwritten"
+    )
+    seed: int = Field(0, description="seeds model init of new weights (LoRA), dropout masks and data shuffling")
+    resume: bool = Field(
+        False, description="continue from the newest complete checkpoint in output_dir (required to reuse a run dir)"
+    )
+    deepspeed: str = Field(
+        "zero2",
+        description="DeepSpeed config: a name in ds_configs/ (zero0, zero1, zero2, zero3, zero3_offload) or a path to "
+        "a JSON file; ZeRO-2 suits LoRA (ZeRO-3 re-gathers the frozen base every step)",
+    )
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        description="builtin:tiny-llama, builtin:smollm2-135m-instruct, a local HF model directory or a hub id"
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) for a hub id")
+    dtype: Literal["bf16", "fp32"] = Field(
+        "bf16", description="compute/storage dtype of the base model and DeepSpeed precision (bf16 needs Ampere+ GPUs)"
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="bitsandbytes quantization of the frozen base: 4bit = QLoRA (quant storage = dtype so ZeRO-3 can "
+        "partition it); 8bit is not allowed with ZeRO-3",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (NF4 is QLoRA's)")
+    double_quant: bool = Field(True, description="4-bit: also quantize the quantization constants (~0.4 bit/param)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward (reentrant + input grads: works with PEFT and ZeRO-3)"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel when no attention dropout is active (dropout installs its own)"
+    )
+    device_map: str | dict[str, Any] | None = Field(
+        None, description="transformers device_map; leave unset under DeepSpeed (not allowed with ZeRO-3)"
+    )
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the hub (off: LLaMA needs none)")
+
+
+class LoraSection(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="PEFT's lora_dropout on the LoRA input (the framework's 'DropoutLoRA' baseline)"
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"], description="module names that get adapters (the paper: q_proj, v_proj), or all-linear"
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases are trained (LLaMA has none)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
+        return v
+
+
+class DataSection(_Section):
+    format: Literal["classification", "sft"] = Field(
+        "classification",
+        description="classification = prompt template + verbalizer, loss on the answer; sft = prompt/response or "
+        "chat messages, loss on the response",
+    )
+    task: str | None = Field(
+        None, description="template name for classification (rte, mrpc, sst2, cola, qnli, boolq); see data/templates.py"
+    )
+    path: str | None = Field(
+        None,
+        description="local directory ({train,dev,validation,test}.{jsonl,json,csv,tsv,parquet}) or file, "
+        "builtin:toy-sst2, or a hub dataset id; unset = the task's hub dataset. Relative paths are relative to the "
+        "working directory",
+    )
+    name: str | None = Field(None, description="hub dataset configuration (default: the task's, e.g. rte for nyu-mll/glue)")
+    revision: str | None = Field(None, description="hub dataset revision")
+    eval_path: str | None = Field(None, description="a separate local file for the evaluation split")
+    train_split: str = Field("train", description="split trained on")
+    eval_split: str | None = Field(
+        "validation", description="split evaluated on (a local 'dev' file counts as validation); null = no evaluation"
+    )
+    prompt_field: str = Field("prompt", description="sft: column holding the prompt")
+    response_field: str = Field("response", description="sft: column holding the response")
+    messages_field: str | None = Field(
+        None, description="sft: column holding chat messages [{role, content}]; the last assistant turn is the response"
+    )
+    chat_template: bool = Field(
+        True, description="sft: render prompt/response with the tokenizer's chat template (else prompt + response + eos)"
+    )
+    max_length: int = Field(512, gt=0, description="tokens per example, prompt + answer")
+    truncation: Literal["left", "drop"] = Field(
+        "left", description="an over-long example: cut the prompt from the left (keeping BOS) or drop it; the answer is never cut"
+    )
+    max_train_examples: int | None = Field(None, gt=0, description="use a seeded random subset of the training split")
+    max_eval_examples: int | None = Field(None, gt=0, description="use the first N evaluation examples")
+    shuffle: bool = Field(True, description="reshuffle training data every epoch (seeded by run.seed and the epoch)")
+
+    @model_validator(mode="after")
+    def _format_needs(self) -> "DataSection":
+        if self.format == "classification":
+            if self.task is None:
+                raise ValueError("format=classification needs a task template: set data.task (e.g. rte)")
+            from hiddenkey_ds.data.templates import get_template
+
+            try:
+                get_template(self.task)
+            except KeyError as err:
+                raise ValueError(str(err.args[0])) from None
+        if self.path is None and self.task is None:
+            raise ValueError("no data source: set data.path (local file/dir or hub id) or data.task")
+        return self
+
+
+class TrainSection(_Section):
+    micro_batch_size: int = Field(8, gt=0, description="examples per rank per forward (HiddenKey forwards 2x this)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
+    global_batch_size: int | None = Field(
+        None, gt=0, description="optional check: must equal micro_batch_size x grad_accum x world size"
+    )
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="after warmup: linear decay to 0, cosine decay, or constant"
+    )
+    warmup: int | float = Field(
+        0.06, ge=0, description="warmup length: a fraction of the total steps if < 1 (e.g. 0.06), else a step count"
+    )
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps to train (set this or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (set this or max_steps)")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="gradient clipping norm; null or 0 = no clipping")
+    torch_adam: bool | None = Field(
+        None, description="use torch.optim.AdamW instead of DeepSpeed's fused/CPU Adam; null = only without a GPU"
+    )
+    loss_chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the supervised LM head (memory cap)")
+    log_every: int = Field(10, gt=0, description="optimizer steps between train metric lines")
+    eval_every: int | None = Field(None, gt=0, description="optimizer steps between evaluations; null = at the end only")
+    save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints; null = at the end only")
+    keep_checkpoints: int = Field(2, gt=0, description="newest complete checkpoints kept in output_dir/checkpoints")
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup_kind(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and v >= 1:
+            if v.is_integer():
+                return int(v)  # 10.0 from YAML means 10 steps
+            raise ValueError(f"warmup={v}: a fraction must be < 1 (e.g. 0.06) and a step count a whole number")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas={list(v)}: each beta must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainSection":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError(
+                "set exactly one of train.max_steps and train.epochs "
+                f"(got max_steps={self.max_steps}, epochs={self.epochs})"
+            )
+        return self
+
+    # -- the one source of the batch arithmetic ---------------------------------------------------
+    def global_batch(self, world_size: int) -> int:
+        """Examples per optimizer step across all ranks."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
+    def total_steps(self, num_train_examples: int, world_size: int) -> int:
+        """Optimizer steps of the run: max_steps, or epochs over the data (a partial last batch is dropped)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        steps_per_epoch = num_train_examples // self.global_batch(world_size)
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_train_examples} training examples make no full global batch of {self.global_batch(world_size)}"
+            )
+        return max(1, round(steps_per_epoch * self.epochs))
+
+    def warmup_steps(self, total_steps: int) -> int:
+        if isinstance(self.warmup, float):
+            return int(self.warmup * total_steps)
+        return self.warmup
+
+    @property
+    def clipping(self) -> float:
+        return float(self.max_grad_norm or 0.0)
+
+
+class EvalSection(_Section):
+    at_end: bool = Field(True, description="run lm-eval on the final adapter when training ends")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names; empty = the training task's")
+    limit: int | float | None = Field(None, gt=0, description="lm-eval limit: examples per task, or a fraction if < 1")
+    batch_size: int = Field(8, gt=0, description="lm-eval batch size")
+
+
+class Recipe(_Section):
+    """A complete, validated training recipe. Build it with ``load_recipe``, not directly."""
+
+    run: RunSection
+    model: ModelSection
+    lora: LoraSection = LoraSection()
+    dropout: DropoutConfig = DropoutConfig()
+    data: DataSection
+    train: TrainSection
+    eval: EvalSection = EvalSection()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML; loading it back gives the same recipe."""
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "lora": LoraSection,
+    "dropout": DropoutConfig,
+    "data": DataSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+}

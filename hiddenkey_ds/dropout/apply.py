@@ -1,0 +1,103 @@
+"""Apply a DropoutConfig to an already-loaded transformers model, and undo it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from hiddenkey_ds.dropout import attention
+from hiddenkey_ds.dropout.config import DropoutConfig
+from hiddenkey_ds.dropout.hidden import make_mlp_hook
+
+_HANDLE_ATTR = "_hiddenkey_handle"
+
+
+def unwrap_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PeftModel (LoRA layers stay injected in it) or the model itself."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"expected a transformers PreTrainedModel or a PeftModel wrapping one, got {type(model).__name__}")
+    return model
+
+
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """Every module with a `self_attn` and an `mlp` child: the decoder layers of LLaMA-style models."""
+    layers = [m for m in model.modules()
+              if isinstance(getattr(m, "self_attn", None), torch.nn.Module)
+              and isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no decoder layers with `self_attn` and `mlp` submodules; hiddenkey-ds "
+            "supports decoder-only models built on transformers' attention interface (LLaMA, Mistral, Qwen2, ...)"
+        )
+    return layers
+
+
+@dataclass
+class DropoutHandle:
+    """What apply_dropout changed on a model; `remove()` restores it."""
+
+    model: PreTrainedModel
+    config: DropoutConfig
+    previous_attn: str | None
+    attention_modules: list[torch.nn.Module] = field(default_factory=list)
+    hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for module in self.attention_modules:
+            if hasattr(module, attention.CONFIG_ATTR):
+                delattr(module, attention.CONFIG_ATTR)
+        if self.previous_attn is not None:
+            self.model.set_attn_implementation(self.previous_attn)
+        self.hooks, self.attention_modules, self.previous_attn = [], [], None
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+
+
+def apply_dropout(model: torch.nn.Module, config: DropoutConfig) -> DropoutHandle:
+    """Apply `config` to `model` (a PreTrainedModel or a PeftModel) in place and return a handle to undo it.
+
+    Attention-side dropout switches the model to the registered "hiddenkey" attention function (sdpa
+    underneath); hidden dropout adds a forward hook on each decoder layer's MLP. Masks are drawn only in
+    training mode: in eval mode the model computes exactly what it computed before. Applying again
+    replaces the previous configuration.
+    """
+    base = unwrap_model(model)
+    previous: DropoutHandle | None = getattr(base, _HANDLE_ATTR, None)
+    if previous is not None:
+        previous.remove()
+    layers = decoder_layers(base)
+    handle = DropoutHandle(model=base, config=config, previous_attn=None)
+
+    if config.touches_attention:
+        if not base._can_set_attn_implementation():
+            raise ValueError(
+                f"{type(base).__name__} does not dispatch attention through transformers' AttentionInterface, so "
+                "key/attention dropout cannot be attached; use only `hidden` dropout with this model"
+            )
+        attention.register()
+        current = base.config._attn_implementation
+        if current != attention.ATTN_NAME:
+            handle.previous_attn = current
+            base.set_attn_implementation(attention.ATTN_NAME)
+        for layer in layers:
+            setattr(layer.self_attn, attention.CONFIG_ATTR, config)
+            handle.attention_modules.append(layer.self_attn)
+
+    if config.touches_hidden:
+        hook = make_mlp_hook(config.hidden)
+        handle.hooks = [layer.mlp.register_forward_hook(hook) for layer in layers]
+
+    setattr(base, _HANDLE_ATTR, handle)
+    return handle
+
+
+def remove_dropout(model: torch.nn.Module) -> None:
+    """Undo apply_dropout on `model`; a no-op when nothing is applied."""
+    handle = getattr(unwrap_model(model), _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()

@@ -1,0 +1,124 @@
+"""DropKey and DropAttention as an attention function registered with transformers' AttentionInterface.
+
+The function is registered under ATTN_NAME together with the matching mask function: without the latter,
+transformers hands a custom attention function `attention_mask=None` and padded batches silently attend
+to padding.
+
+Which dropout a given attention module applies is read from the attribute CONFIG_ATTR that
+`apply_dropout` sets on it; modules without it, modules in eval mode and configs with no attention-side
+dropout all take transformers' own sdpa path unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hiddenkey_ds.dropout.config import DropoutConfig
+from hiddenkey_ds.dropout.masks import attention_keep, expected_keep
+
+ATTN_NAME = "hiddenkey"
+CONFIG_ATTR = "_hiddenkey_dropout"
+
+# What DropKey adds to a dropped logit. Large enough that exp() of it is exactly 0 next to any kept logit
+# in fp32/bf16/fp16, finite (so no -inf arithmetic and no NaN rows) and far from the causal/padding fill
+# (finfo.min), so a dropped visible key always ranks above a future or padding key.
+DROPKEY_FILL = 1.0e4
+
+
+def _visible(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Bool (B|1, 1, Q, K): True where stock attention may look. `None` from the mask interface means
+    plain causal attention with no padding (its `is_causal` fast path)."""
+    if attention_mask is None:
+        offset = k_len - q_len  # queries are the last q_len positions (cached decoding)
+        q = torch.arange(q_len, device=device)[:, None] + offset
+        return (torch.arange(k_len, device=device)[None, :] <= q)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    # an additive float mask handed in by the caller: anything far below zero is masked
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask for sdpa: 0 kept, -DROPKEY_FILL dropped, finfo.min invisible.
+
+    A query whose visible keys are all dropped keeps them: an all-dropped row would otherwise come out
+    of softmax as the undropped row up to rounding of l - DROPKEY_FILL, and DropAttention's normalized
+    rescaling has nothing to divide by either; both positions define that row as "not dropped"."""
+    kept_visible = visible & keep
+    row_has_keep = kept_visible.any(dim=-1, keepdim=True)
+    dropped = visible & ~keep & row_has_keep
+    mask = torch.zeros(dropped.shape, dtype=dtype, device=dropped.device)
+    mask.masked_fill_(dropped, -DROPKEY_FILL)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def _rescale_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: str, expected: float) -> torch.Tensor:
+    kept = weights * keep
+    if rescale == "inverted":
+        return kept / expected
+    if rescale == "normalized":
+        mass = kept.sum(dim=-1, keepdim=True)
+        has_mass = mass > 0
+        # safe denominator: a where() over a division by zero still back-propagates NaN
+        normalized = kept / torch.where(has_mass, mass, torch.ones_like(mass))
+        return torch.where(has_mass, normalized, weights)
+    return kept
+
+
+def hiddenkey_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cfg: DropoutConfig | None = getattr(module, CONFIG_ATTR, None)
+    if cfg is None or not module.training or not cfg.touches_attention:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+
+    # masks live on query heads, so grouped keys/values are expanded to one per query head
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    visible = _visible(attention_mask, q_len, k_len, query.device)
+
+    if cfg.key.rate > 0:
+        keep = attention_keep(cfg.key.pattern, cfg.key.rate, batch, heads, q_len, k_len, query.device)
+        logit_mask = _dropkey_mask(visible, keep, query.dtype)
+    else:
+        logit_mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+        logit_mask.masked_fill_(~visible, torch.finfo(query.dtype).min)
+
+    if cfg.attention.rate == 0:
+        # DropKey alone stays on the fused kernel: the drop is one more additive mask
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=logit_mask, dropout_p=dropout,
+                                             scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    # DropAttention acts on the softmax output, so the weights must be materialized
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = torch.matmul(query, key.transpose(2, 3)) * scale + logit_mask
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    att = cfg.attention
+    keep = attention_keep(att.pattern, att.rate, batch, heads, q_len, k_len, query.device)
+    weights = _rescale_weights(weights, keep, att.rescale, expected_keep(att.pattern, att.rate, k_len))
+    if dropout > 0:
+        weights = F.dropout(weights, p=dropout, training=True)
+    out = torch.matmul(weights.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def register() -> None:
+    """Idempotent: make ATTN_NAME known to both of transformers' interfaces."""
+    AttentionInterface.register(ATTN_NAME, hiddenkey_attention_forward)
+    # The stock sdpa mask: a bool mask, or None for plain causal attention without padding.
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)

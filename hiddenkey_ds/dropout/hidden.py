@@ -1,0 +1,24 @@
+"""HiddenCut's position: dropout on the MLP (FFN) output of every decoder layer, before the residual add,
+applied by a forward hook so that no model class is edited."""
+from __future__ import annotations
+
+import torch
+
+from hiddenkey_ds.dropout.config import HiddenDropout
+from hiddenkey_ds.dropout.masks import expected_keep, hidden_keep
+
+
+def make_mlp_hook(spec: HiddenDropout):
+    """A forward hook for an MLP module: masks (and rescales) its output in training mode only."""
+
+    def hook(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or spec.rate == 0:
+            return None
+        batch, seq, dim = output.shape
+        keep = hidden_keep(spec.pattern, spec.rate, batch, seq, dim, output.device)
+        masked = output * keep
+        if spec.rescale == "inverted":
+            masked = masked / expected_keep(spec.pattern, spec.rate, seq if spec.pattern == "span" else dim)
+        return masked
+
+    return hook
