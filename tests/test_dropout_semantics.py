@@ -218,3 +218,20 @@ def test_model_level_hidden_rate_and_inverted_scale():
     rate = dropped.float().mean().item()
     assert abs(rate - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / masked.numel())
     assert torch.allclose(masked[~dropped], before[~dropped] / 0.75, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_all_dropped_rows_found_by_count_match_direct_check(padded):
+    from hiddenkey_ds.dropout.attention import _rows_without_kept_key
+
+    torch.manual_seed(0)
+    causal = torch.tril(torch.ones(9, 9, dtype=torch.bool))
+    visible = causal[None, None].expand(3, 1, 9, 9).clone() if padded else causal[None, None]
+    if padded:
+        visible[1, :, :, :3] = False  # left padding of 3
+    keep = torch.rand(3, 4, 1, 9) > 0.7
+    direct = ~(visible & keep).any(-1)
+    assert torch.equal(_rows_without_kept_key(visible, keep), direct)
+    assert direct.any()  # the case is exercised
+    mask = _dropkey_mask(visible, keep, torch.float32)
+    assert (mask[direct] > torch.finfo(torch.float32).min / 2).sum() == (visible.expand(3, 4, 9, 9)[direct]).sum()

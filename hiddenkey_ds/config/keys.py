@@ -81,6 +81,13 @@ def suggest(parts: list[str]) -> str:
     last = parts[-1]
     if last in FOREIGN_NAMES:
         return f"did you mean {FOREIGN_NAMES[last]}?"
+    if len(parts) == 1:  # a key without its section, e.g. `lr=` for `train.lr=`
+        owners = [k for k in leaf_keys() if k.split(".", 1)[1] == last]
+        if owners:
+            return f"did you mean {' or '.join(owners)}?"
+    foreign = difflib.get_close_matches(last, list(FOREIGN_NAMES), n=1, cutoff=0.85)
+    if foreign:
+        return f"did you mean {FOREIGN_NAMES[foreign[0]]}?"
     # the deepest known model along the path gives the candidate siblings
     model: type[BaseModel] | None = None
     known: list[str] = []

@@ -120,17 +120,22 @@ class DataSection(_Section):
     max_eval_examples: int | None = Field(None, gt=0, description="use the first N evaluation examples")
     shuffle: bool = Field(True, description="reshuffle training data every epoch (seeded by run.seed and the epoch)")
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from hiddenkey_ds.data.templates import get_template
+
+        try:
+            return get_template(v).name
+        except KeyError as err:
+            raise ValueError(str(err.args[0])) from None
+
     @model_validator(mode="after")
     def _format_needs(self) -> "DataSection":
-        if self.format == "classification":
-            if self.task is None:
-                raise ValueError("format=classification needs a task template: set data.task (e.g. rte)")
-            from hiddenkey_ds.data.templates import get_template
-
-            try:
-                get_template(self.task)
-            except KeyError as err:
-                raise ValueError(str(err.args[0])) from None
+        if self.format == "classification" and self.task is None:
+            raise ValueError("format=classification needs a task template: set data.task (e.g. rte)")
         if self.path is None and self.task is None:
             raise ValueError("no data source: set data.path (local file/dir or hub id) or data.task")
         return self

@@ -41,18 +41,39 @@ def _visible(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
-def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive float mask for sdpa: 0 kept, -DROPKEY_FILL dropped, finfo.min invisible.
+def _rows_without_kept_key(visible: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Bool (B, H, Q): rows whose visible keys are all dropped.
 
-    A query whose visible keys are all dropped keeps them: an all-dropped row would otherwise come out
-    of softmax as the undropped row up to rounding of l - DROPKEY_FILL, and DropAttention's normalized
-    rescaling has nothing to divide by either; both positions define that row as "not dropped"."""
-    kept_visible = visible & keep
-    row_has_keep = kept_visible.any(dim=-1, keepdim=True)
-    dropped = visible & ~keep & row_has_keep
-    mask = torch.zeros(dropped.shape, dtype=dtype, device=dropped.device)
-    mask.masked_fill_(dropped, -DROPKEY_FILL)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    For column/span masks (keep of shape (B, H, 1, K)) this is a count by matrix product, so no
+    (B, H, Q, K) temporary is built beyond the mask itself."""
+    if keep.shape[-2] != 1:
+        return ~(visible & keep).any(dim=-1)
+    batch, heads, _, k_len = keep.shape
+    vis = visible[:, 0].to(torch.float32)                                    # (Bv, Q, K)
+    kept = keep[:, :, 0, :].to(torch.float32)                                # (B, H, K)
+    if vis.shape[0] == 1:
+        counts = vis[0] @ kept.permute(2, 0, 1).reshape(k_len, batch * heads)   # (Q, B*H)
+        counts = counts.reshape(-1, batch, heads).permute(1, 2, 0)
+    else:
+        counts = torch.bmm(vis, kept.transpose(1, 2)).transpose(1, 2)       # (B, H, Q)
+    return counts == 0
+
+
+def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask (B, H, Q, K) for sdpa: 0 kept, -DROPKEY_FILL dropped, finfo.min invisible.
+
+    A query whose visible keys are all dropped keeps them. With a fill distinct from the causal one such a
+    row already attends only to its visible keys, but as softmax(l - DROPKEY_FILL), i.e. the undropped row
+    up to rounding; defining it as "not dropped" makes that exact and is the same rule DropAttention's
+    normalized rescaling needs (it has no kept mass to divide by)."""
+    neg_min = torch.finfo(dtype).min
+    drop = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, -DROPKEY_FILL)
+    mask = torch.where(visible, drop, neg_min)
+    b, h, q = _rows_without_kept_key(visible, keep).nonzero(as_tuple=True)
+    if b.numel():
+        vis_rows = visible[b if visible.shape[0] > 1 else torch.zeros_like(b), 0, q]   # (n, K)
+        mask[b, h, q] = torch.where(vis_rows, 0.0, neg_min).to(dtype)
+    return mask
 
 
 def _rescale_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: str, expected: float) -> torch.Tensor:

@@ -3,6 +3,7 @@ applied by a forward hook so that no model class is edited."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from hiddenkey_ds.dropout.config import HiddenDropout
 from hiddenkey_ds.dropout.masks import expected_keep, hidden_keep
@@ -14,6 +15,8 @@ def make_mlp_hook(spec: HiddenDropout):
     def hook(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
         if not module.training or spec.rate == 0:
             return None
+        if spec.pattern == "element" and spec.rescale == "inverted":
+            return F.dropout(output, spec.rate, training=True)  # the same thing, one fused kernel
         batch, seq, dim = output.shape
         keep = hidden_keep(spec.pattern, spec.rate, batch, seq, dim, output.device)
         masked = output * keep

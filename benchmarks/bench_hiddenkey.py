@@ -1,0 +1,185 @@
+"""Step time and loss-head memory of HiddenKey vs plain LoRA, measured side by side.
+
+    python benchmarks/bench_hiddenkey.py            # the issue's shape: hidden 512, 4 layers, seq 256, batch 4
+    python benchmarks/bench_hiddenkey.py --quick    # a smaller shape, for a smoke run
+
+Step = forward + backward + AdamW on the LoRA parameters. Modes run interleaved (round-robin) so that
+machine noise hits all of them alike; the table reports the median step time and its ratio to plain LoRA.
+Two supervision regimes: `cls` (one supervised answer token per sequence, classification as generation)
+and `sft` (every token after the first half supervised).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def build_model(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                         max_position_embeddings=max(args.seq, 2048), attn_implementation="sdpa")
+    model = LlamaForCausalLM(config)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+
+def make_batch(args, regime):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    labels = torch.full_like(ids, -100)
+    if regime == "cls":
+        labels[:, -1] = ids[:, -1]
+    else:
+        labels[:, args.seq // 2:] = ids[:, args.seq // 2:]
+    return ids, torch.ones_like(ids), labels
+
+
+def naive_kl_loss(model, ids, mask, labels, alpha=1.0):
+    """What a first implementation does: full logits for both passes, KL over every position then masked."""
+    batch = ids.shape[0]
+    logits = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask])).logits.float()[:, :-1]
+    y, sup = labels[:, 1:], labels[:, 1:] != -100
+    logp = F.log_softmax(logits, -1)
+    ce = -(logp[:batch].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
+           + logp[batch:].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()) / 2
+    p1, p2 = logp[:batch].exp(), logp[batch:].exp()
+    kl = (0.5 * ((p1 - p2) * (logp[:batch] - logp[batch:])).sum(-1))[sup].mean()
+    return ce + alpha * kl
+
+
+def make_steps(args, regime):
+    from hiddenkey_ds.dropout import DropoutConfig
+    from hiddenkey_ds.objective import HiddenKeyObjective
+
+    ids, mask, labels = make_batch(args, regime)
+    steps = {}
+
+    def with_optimizer(model, loss_fn):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    stock = build_model(args).train()
+    steps["plain LoRA (stock HF loss)"] = with_optimizer(
+        stock, lambda: stock(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    for name, preset in [("plain LoRA (our head)", "none"), ("hiddenkey_nokl", "hiddenkey_nokl"),
+                         ("hiddenkey (KL)", "hiddenkey")]:
+        obj = HiddenKeyObjective(build_model(args), DropoutConfig(preset=preset)).train()
+        steps[name] = with_optimizer(obj, lambda obj=obj: obj(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    naive = HiddenKeyObjective(build_model(args), DropoutConfig(preset="hiddenkey_nokl")).train()
+    steps["naive KL, full logits"] = with_optimizer(naive, lambda: naive_kl_loss(naive.model, ids, mask, labels))
+    return steps
+
+
+def time_steps(steps, rounds, warmup):
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ---- loss-head peak memory: each variant in a fresh process, ru_maxrss growth over its baseline -------
+def _head_memory_child(variant, batch, seq, hidden, vocab, supervised):
+    from hiddenkey_ds.objective import _head_chunk  # noqa: F401  (import cost before the baseline)
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    h = torch.randn(2 * batch, seq, hidden, requires_grad=True)
+    labels = torch.full((batch, seq), -100)
+    labels[:, -supervised:] = torch.randint(0, vocab, (batch, supervised))
+    # touch everything once so allocator start-up is inside the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "chunked":
+        from torch.utils.checkpoint import checkpoint
+
+        from hiddenkey_ds.objective import _head_chunk
+        y = labels[:, 1:]
+        sup = y != -100
+        h1, h2 = h[:batch, :-1][sup], h[batch:, :-1][sup]
+        ce, cons, _ = checkpoint(_head_chunk, lm_head, h1, h2, y[sup], "kl", use_reentrant=False)
+        loss = ce + cons
+    else:
+        logits = lm_head(h).float()[:, :-1]
+        y, sup = labels[:, 1:], labels[:, 1:] != -100
+        logp = F.log_softmax(logits, -1)
+        ce = -(logp[:batch].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
+               + logp[batch:].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()) / 2
+        p1, p2 = logp[:batch].exp(), logp[batch:].exp()
+        loss = ce + (0.5 * ((p1 - p2) * (logp[:batch] - logp[batch:])).sum(-1))[sup].mean()
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+def head_memory(variant, batch, seq, hidden, vocab, supervised):
+    out = subprocess.run([sys.executable, __file__, "--head-memory-child", variant, str(batch), str(seq), str(hidden),
+                          str(vocab), str(supervised)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--regimes", default="cls,sft")
+    parser.add_argument("--quick", action="store_true", help="small shape, few rounds")
+    parser.add_argument("--head-memory-child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.head_memory_child:
+        v, *nums = args.head_memory_child
+        return _head_memory_child(v, *map(int, nums))
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.seq, args.rounds = 128, 2, 4000, 64, 3
+    torch.set_num_threads(args.threads)
+    print(f"# shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
+          f"seq {args.seq}, batch {args.batch}, LoRA r=8 on q,v, {args.threads} threads, torch {torch.__version__}")
+    for regime in args.regimes.split(","):
+        medians = time_steps(make_steps(args, regime), rounds=args.rounds, warmup=1)
+        ref = medians["plain LoRA (our head)"]
+        print(f"\n## step time, regime `{regime}` (median of {args.rounds} interleaved rounds)\n")
+        print("| mode | step (s) | x plain LoRA (our head) |")
+        print("|---|---:|---:|")
+        for name, t in medians.items():
+            print(f"| {name} | {t:.3f} | {t / ref:.2f}x |")
+
+    seq, vocab, sup = (2048, 32000, 4) if not args.quick else (512, 8000, 4)
+    chunked = head_memory("chunked", args.batch, seq, args.hidden, vocab, sup)
+    naive = head_memory("naive", args.batch, seq, args.hidden, vocab, sup)
+    print(f"\n## loss-head peak memory, dual pass (2 x {args.batch} sequences), seq {seq}, vocab {vocab}, "
+          f"{sup} supervised tokens per sequence\n")
+    print("| head | peak over baseline (MiB) | ratio |")
+    print("|---|---:|---:|")
+    print(f"| naive full logits + KL | {naive:.1f} | 1 |")
+    print(f"| chunked supervised-only | {chunked:.1f} | {chunked / naive:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

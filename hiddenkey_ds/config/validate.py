@@ -1,0 +1,200 @@
+"""load_recipe: YAML + overrides -> a validated Recipe, or one RecipeError listing every problem."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.config.keys import dotted_location, suggest
+from hiddenkey_ds.config.overrides import RecipeLoader, apply_overrides
+from hiddenkey_ds.config.schema import SECTIONS, Recipe
+
+FINISHED_MARKER = "summary.json"  # written last by the loop: its presence means the run is finished
+
+_RATE_HINT = "a rate is a drop probability in [0, 1); 0 switches that dropout off"
+_TYPE_NAMES = {
+    "int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list such as [a, b]", "dict_type": "a mapping",
+    "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys", "tuple_type": "a list such as [0.9, 0.999]",
+}
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    path = dotted_location(err["loc"])
+    kind, msg = err["type"], err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    hint = ""
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key (hint: {suggest(path.split('.'))})"
+    if kind == "missing":
+        hint = f"add `{path.rsplit('.', 1)[-1]}:` to the recipe's {path.rsplit('.', 1)[0] or 'top level'} section or pass {path}=VALUE"
+    elif kind in _TYPE_NAMES:
+        msg = f"expected {_TYPE_NAMES[kind]}, got {err.get('input')!r}"
+    elif kind in {"less_than", "greater_than_equal", "greater_than", "less_than_equal"}:
+        msg = f"{msg}, got {err.get('input')!r}"
+        if path.endswith(".rate") or path == "lora.dropout":
+            hint = _RATE_HINT
+    return f"{path}: {msg}" + (f" (hint: {hint})" if hint else "")
+
+
+def format_validation_errors(error: ValidationError) -> list[str]:
+    """One line per problem; a union's per-branch failures become one line naming every accepted type."""
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for err in error.errors():
+        by_path.setdefault(dotted_location(err["loc"]), []).append(err)
+    lines = []
+    for path, errs in by_path.items():
+        kinds = [_TYPE_NAMES[e["type"]] for e in errs if e["type"] in _TYPE_NAMES]
+        if len(errs) > 1 and len(kinds) == len(errs):
+            lines.append(f"{path}: expected {' or '.join(dict.fromkeys(kinds))}, got {errs[0].get('input')!r}")
+        else:
+            lines.append(_format_error(errs[0]))
+    return lines
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist (hint: recipes live in recipes/*.yaml)")
+    try:
+        raw = yaml.load(path.read_text(), Loader=RecipeLoader)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping of sections (run, model, ...), not a {type(raw).__name__}")
+    return raw
+
+
+def _valid_sections(raw: dict[str, Any]) -> dict[str, BaseModel | None]:
+    """Each section validated on its own, so cross-section checks run even when another section is broken."""
+    out: dict[str, BaseModel | None] = {}
+    for name, model in SECTIONS.items():
+        out[name] = _lenient(model, raw.get(name, {}))
+    return out
+
+
+def _lenient(model: type[BaseModel], value: Any) -> BaseModel | None:
+    """``value`` validated, with its broken keys dropped (defaults instead); None if that still fails.
+
+    The broken keys are already reported; dropping them lets the cross-section checks see the rest.
+    """
+    data = dict(value) if isinstance(value, dict) else {}
+    for _ in range(3):
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            broken = {e["loc"][0] for e in err.errors() if e["loc"] and e["loc"][0] in data}
+            if not broken:
+                return None
+            for key in broken:
+                del data[key]
+    return None
+
+
+def _batch_problems(train: Any, world_size: int | None) -> list[str]:
+    if train is None or train.global_batch_size is None:
+        return []
+    per_rank = train.micro_batch_size * train.grad_accum
+    if world_size is None:
+        if train.global_batch_size % per_rank:
+            return [
+                f"train.global_batch_size: {train.global_batch_size} is not a multiple of micro_batch_size "
+                f"{train.micro_batch_size} x grad_accum {train.grad_accum} = {per_rank}, so no world size fits "
+                "(hint: global batch = micro_batch_size x grad_accum x world size)"
+            ]
+        return []
+    actual = train.global_batch(world_size)
+    if actual == train.global_batch_size:
+        return []
+    hint = "global batch = micro_batch_size x grad_accum x world size; unset train.global_batch_size to derive it"
+    denom = train.micro_batch_size * world_size
+    if train.global_batch_size % denom == 0:
+        hint = f"set train.grad_accum={train.global_batch_size // denom} to keep the global batch; " + hint
+    return [
+        f"train.global_batch_size: {train.global_batch_size} != micro_batch_size {train.micro_batch_size} x "
+        f"grad_accum {train.grad_accum} x world size {world_size} = {actual} (hint: {hint})"
+    ]
+
+
+def _zero3_problems(run: Any, model: Any) -> list[str]:
+    if run is None or model is None:
+        return []
+    from hiddenkey_ds.ds_config import load_ds_json, zero_stage
+
+    try:
+        stage = zero_stage(load_ds_json(run.deepspeed))
+    except RecipeError as err:
+        return err.problems
+    if stage != 3:
+        return []
+    problems = []
+    if model.quantization == "8bit":
+        problems.append(
+            f"model.quantization: 8bit with ZeRO-3 ({run.deepspeed}) is known to corrupt training (the loss is "
+            "an order of magnitude off while ZeRO-1/2 are correct: bitsandbytes issue #1451) (hint: use "
+            "model.quantization=4bit, whose storage dtype ZeRO-3 can partition, or run.deepspeed=zero2)"
+        )
+    if model.device_map is not None:
+        problems.append(
+            f"model.device_map: {model.device_map!r} with ZeRO-3 ({run.deepspeed}): ZeRO-3 places and partitions "
+            "the weights itself, a device_map fights it (hint: remove model.device_map, or use run.deepspeed=zero2)"
+        )
+    return problems
+
+
+def _output_dir_problems(run: Any) -> list[str]:
+    if run is None:
+        return []
+    marker = Path(run.output_dir) / FINISHED_MARKER
+    if marker.exists() and not run.resume:
+        return [
+            f"run.output_dir: {run.output_dir} holds a finished run ({FINISHED_MARKER}); results are never "
+            "overwritten (hint: choose another run.output_dir, or pass run.resume=true to reuse it)"
+        ]
+    return []
+
+
+def _ds_problems(recipe: Recipe, world_size: int | None) -> list[str]:
+    from hiddenkey_ds.ds_config import resolve_ds_config
+
+    try:
+        # the step count of an epochs recipe is unknown before the data is read; any value checks the JSON
+        resolve_ds_config(recipe, world_size or 1, total_steps=recipe.train.max_steps or 1)
+    except RecipeError as err:
+        return err.problems
+    return []
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), world_size: int | None = None,
+    check_output_dir: bool = True,
+) -> Recipe:
+    """Read, override and validate a recipe. Raises one ``RecipeError`` listing every problem found.
+
+    ``world_size`` (ranks of the run) enables the batch arithmetic check; ``check_output_dir`` refuses an
+    output directory that holds a finished run unless ``run.resume=true``.
+    """
+    raw = _read_yaml(path)
+    problems = apply_overrides(raw, list(overrides))
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems += format_validation_errors(err)
+    sections = _valid_sections(raw)
+    problems += _batch_problems(sections["train"], world_size)
+    problems += _zero3_problems(sections["run"], sections["model"])
+    if check_output_dir:
+        problems += _output_dir_problems(sections["run"])
+    if recipe is not None and not any(p.startswith("train.global_batch_size") or p.startswith("run.deepspeed") for p in problems):
+        problems += _ds_problems(recipe, world_size)
+    if problems:
+        raise RecipeError(list(dict.fromkeys(problems)), source=str(path))
+    return recipe
