@@ -1,0 +1,145 @@
+"""Checkpoints a resume can trust, and the final PEFT adapter.
+
+A checkpoint is RUN_DIR/checkpoints/step_N/: DeepSpeed's files for the trainable state (LoRA weights,
+optimizer, scheduler), one RNG file per rank, and COMPLETE, written by rank 0 only after every rank has
+finished writing. A directory without COMPLETE (a crash or kill mid-save) is never resumed from, so the
+previous complete checkpoint is used. DeepSpeed's own `latest` pointer is not used for the same reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / COMPLETE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    root = checkpoint_root(run_dir)
+    tag = f"step_{step}"
+    path = root / tag
+    rank = dist.get_rank()
+    if rank == 0 and path.exists():  # an incomplete leftover of a crashed save at the same step
+        shutil.rmtree(path)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    dist.barrier()  # every rank's files are on disk before the marker says so
+    if rank == 0:
+        _fsync_write(path / COMPLETE, json.dumps({"step": step}))
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(engine, path: Path) -> dict[str, Any]:
+    """Collective: restores engine state and this rank's RNG; returns the client state."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    rng_file = path / f"rng_rank{dist.get_rank()}.pt"
+    if not rng_file.is_file():
+        raise RuntimeError(
+            f"{rng_file} is missing: the checkpoint was written by a run with a different world size; resume with "
+            "the same number of ranks"
+        )
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Full parameters on every rank (a no-op outside ZeRO-3)."""
+    import deepspeed
+
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned:
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def save_adapter(peft_model, out_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Collective: write the PEFT adapter (gathered under ZeRO-3) atomically, reload it and check it equals
+    the in-memory weights. Returns the saved state dict (rank 0) or {}."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    rank = dist.get_rank()
+    saved: dict[str, torch.Tensor] = {}
+    with _gathered(trainable):
+        if rank == 0:
+            expected = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
+            if not expected or all(v.numel() == 0 for v in expected.values()):
+                raise RuntimeError("the adapter state dict is empty: no LoRA weights to save")
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            peft_model.save_pretrained(str(tmp), state_dict=expected, safe_serialization=True)
+            reloaded = load_file(str(tmp / "adapter_model.safetensors"))
+            if reloaded.keys() != expected.keys():
+                raise RuntimeError(f"saved adapter holds {sorted(reloaded)[:3]}..., expected {sorted(expected)[:3]}...")
+            for key, value in expected.items():
+                if value.shape != reloaded[key].shape or not torch.equal(value.to(reloaded[key].dtype), reloaded[key]):
+                    raise RuntimeError(f"the reloaded adapter differs from the trained weights at {key}")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+            saved = reloaded
+    dist.barrier()
+    return saved
