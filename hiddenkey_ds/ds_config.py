@@ -145,3 +145,15 @@ def resolve_ds_config(recipe: Any, world_size: int, total_steps: int | None = No
     if problems:
         raise RecipeError(problems)
     return ds
+
+
+def start_lr_schedule(lr_scheduler: Any) -> None:
+    """Call once after ``deepspeed.initialize`` (and after ``load_checkpoint``; it is idempotent).
+
+    DeepSpeed's Warmup* schedulers start at iteration -1, where WarmupLR/WarmupDecayLR return
+    ``warmup_min_lr`` and WarmupCosineLR returns 0, so without this the first optimizer step runs at lr 0
+    and the whole schedule lags one step (e.g. warmup 2: 0, 0, lr/2, lr). Stepping a fresh scheduler once
+    makes the first step use iteration 0, like transformers' schedules; a restored scheduler is left alone.
+    """
+    if lr_scheduler is not None and getattr(lr_scheduler, "last_batch_iteration", 0) < 0:
+        lr_scheduler.step()

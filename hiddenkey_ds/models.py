@@ -128,8 +128,13 @@ def _enable_gradient_checkpointing(model: Any) -> None:
     # Reentrant checkpointing is what ZeRO-3 supports (its parameter fetch hooks re-run in recomputation);
     # with a frozen embedding no checkpointed input requires grad, so the reentrant function would see no
     # grad path and LoRA weights inside it would get none: enable_input_require_grads gives it one.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
+    kwargs = {"use_reentrant": True}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not hasattr(model, "_require_grads_hook"):  # newer transformers already did it
+        model.enable_input_require_grads()
 
 
 def lora_config(recipe: Any):

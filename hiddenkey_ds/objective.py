@@ -109,8 +109,10 @@ class HiddenKeyObjective(torch.nn.Module):
         for start in range(0, n, self.chunk_tokens):
             part = slice(start, start + self.chunk_tokens)
             args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency)
-            if torch.is_grad_enabled():
-                ce, cons, ok = checkpoint(_head_chunk, *args, use_reentrant=False)
+            if torch.is_grad_enabled() and h1.requires_grad:
+                # reentrant: the recompute calls lm_head as a module again, so ZeRO-3 re-gathers its weight
+                # (the non-reentrant variant rejects a parameter whose storage ZeRO-3 swapped meanwhile)
+                ce, cons, ok = checkpoint(_head_chunk, *args, use_reentrant=True)
             else:
                 ce, cons, ok = _head_chunk(*args)
             ce_sum, cons_sum = ce_sum + ce, cons_sum + cons

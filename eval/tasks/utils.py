@@ -4,7 +4,7 @@ Every task YAML in this folder points here with `!function utils.NAME`. The text
 `render_prompt(doc)` followed by one of the template's `choices` (which carry their own leading space, hence
 `target_delimiter: ""` in the YAMLs): exactly the string `hiddenkey_ds.data` trains on.
 
-Local-file tasks (`hk_*_local`) read `{train,validation|dev}.{jsonl,json,csv,tsv,parquet}` from a directory
+Local-file tasks (`hk_*_local`) read `{train,dev|validation}.{jsonl,json,csv,tsv,parquet}` from a directory
 given at run time through lm-eval's task metadata, e.g. the stock CLI's
 `--metadata '{"rte_dir": "../shared/data/glue/RTE"}'` (or `data_dir=...` for a single task).
 """
@@ -20,11 +20,8 @@ except ImportError:  # a checkout used without `pip install -e .`: the package s
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from hiddenkey_ds.data.templates import get_template
 
-# Task family -> template name. One entry per task the recipes train on.
+# The templates that get lm-eval tasks here: every task the recipes train on.
 TASKS = ("rte", "mrpc", "sst2", "cola", "qnli", "boolq")
-_EXTENSIONS = ("jsonl", "json", "csv", "tsv", "parquet")
-# lm-eval split name -> file stems accepted for it (GLUE's local copies call the validation split "dev")
-_SPLIT_FILES = {"train": ("train",), "validation": ("validation", "dev")}
 
 
 def _text(task: str):
@@ -58,23 +55,24 @@ def _target(task: str):
 
 
 def find_split_files(data_dir: str | os.PathLike) -> dict[str, Path]:
-    """{"train": path, "validation": path} for the files present in `data_dir` (validation is required)."""
+    """{"train": path, "validation": path} in `data_dir`, named as training names them (dev.* = validation)."""
+    from hiddenkey_ds.data.loading import BUILDERS, canonical_split
+
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {str(root)!r} does not exist (resolved to {root.resolve()})")
     found: dict[str, Path] = {}
-    for split, stems in _SPLIT_FILES.items():
-        for stem in stems:
-            hits = [root / f"{stem}.{ext}" for ext in _EXTENSIONS if (root / f"{stem}.{ext}").is_file()]
-            if len(hits) > 1:
-                raise ValueError(f"{root}: several files for split {split!r}: {[h.name for h in hits]}; keep one")
-            if hits:
-                found[split] = hits[0]
-                break
+    for path in sorted(root.iterdir()):
+        split = canonical_split(path.stem)
+        if path.suffix not in BUILDERS or split not in ("train", "validation") or not path.is_file():
+            continue
+        if split in found:
+            raise ValueError(f"{root}: two files for split {split!r}: {found[split].name} and {path.name}; keep one")
+        found[split] = path
     if "validation" not in found:
-        names = sorted(p.name for p in root.iterdir())
         raise FileNotFoundError(
-            f"{root}: no validation file (validation.* or dev.* with one of {list(_EXTENSIONS)}); found {names}"
+            f"{root}: no validation file (validation.*, dev.*, val.* or valid.* with a suffix in "
+            f"{sorted(BUILDERS)}); found {sorted(p.name for p in root.iterdir())}"
         )
     return found
 
@@ -83,15 +81,15 @@ def load_local(task: str, data_dir: str | os.PathLike):
     """A `datasets.DatasetDict` with the task's local train (if any) and validation splits."""
     import datasets
 
+    from hiddenkey_ds.data.loading import BUILDERS
+
     files = find_split_files(data_dir)
-    builders = {"jsonl": "json", "json": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}
     out = {}
     for split, path in files.items():
-        ext = path.suffix.lstrip(".")
-        kwargs = {"delimiter": "\t"} if ext == "tsv" else {}
-        out[split] = datasets.load_dataset(builders[ext], data_files={split: str(path)}, split=split, **kwargs)
-    missing = [f for f in get_template(task).fields + (get_template(task).label_field,)
-               if f not in out["validation"].column_names]
+        builder, kwargs = BUILDERS[path.suffix]
+        out[split] = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    template = get_template(task)
+    missing = [f for f in (*template.fields, template.label_field) if f not in out["validation"].column_names]
     if missing:
         raise KeyError(
             f"{files['validation']}: task {task!r} needs column(s) {missing}; it has {out['validation'].column_names}"
@@ -113,6 +111,15 @@ def _local(task: str):
 
     custom_dataset.__name__ = f"load_{task}_local"
     return custom_dataset
+
+
+def load_toy_sst2(**metadata):
+    """builtin:toy-sst2, generated in memory by hiddenkey_ds.data.toy (no files, no network)."""
+    import datasets
+
+    from hiddenkey_ds.data.toy import toy_sst2_rows
+
+    return datasets.DatasetDict({s: datasets.Dataset.from_list(toy_sst2_rows(s)) for s in ("train", "validation")})
 
 
 # The names the YAMLs reference (`!function utils.doc_to_text_rte`, ...), one set per task.

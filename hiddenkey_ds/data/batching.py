@@ -1,0 +1,67 @@
+"""Batches for the loop: a right-padding collator and a seeded distributed sampler."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from hiddenkey_ds.data.encoding import IGNORE_INDEX
+
+
+def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """list of {"input_ids", "labels"} -> padded long tensors input_ids, labels (-100 on padding), attention_mask.
+
+    Right padding: positions keep their ids from 0, and causal attention never looks at the padded tail.
+    """
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token: load it with hiddenkey_ds.models.load_tokenizer")
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        n = len(examples)
+        input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        for row, e in enumerate(examples):
+            length = len(e["input_ids"])
+            input_ids[row, :length] = torch.tensor(e["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.tensor(e["labels"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    return collate
+
+
+class ShardSampler(DistributedSampler):
+    """DistributedSampler that knows how many of its indices are real.
+
+    Training (drop_last=True): the tail that does not divide evenly is dropped, so ranks see disjoint shards
+    of equal size. Evaluation (drop_last=False): every example is seen; to give all ranks the same number of
+    batches (ZeRO-3 forwards are collective) the shards are padded with repeats of the first examples, and
+    those come last in each rank's order: only the first ``num_real`` samples of this rank should be scored.
+    """
+
+    @property
+    def num_real(self) -> int:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.drop_last:
+            return self.num_samples
+        # DistributedSampler gives rank r the global positions r, r + W, r + 2W, ...; positions >= n are padding
+        return len(range(self.rank, min(n, self.total_size), self.num_replicas))
+
+
+def make_sampler(dataset: Any, world_size: int, rank: int, seed: int, shuffle: bool, drop_last: bool | None = None) -> ShardSampler:
+    """Seeded sampler of this rank's shard. ``drop_last`` defaults to ``shuffle`` (training drops, eval pads).
+
+    The loop must call ``sampler.set_epoch(epoch)`` before each epoch: the shuffle order is a function of
+    (seed, epoch) only, identical on every rank and every resume.
+    """
+    drop_last = shuffle if drop_last is None else drop_last
+    if drop_last and len(dataset) < world_size:
+        raise ValueError(f"{len(dataset)} examples cannot be split across {world_size} ranks")
+    return ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)

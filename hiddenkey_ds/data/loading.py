@@ -1,0 +1,144 @@
+"""Raw splits from wherever `data.path` points: builtin:toy-sst2, a local directory or file, or the hub.
+
+A local path never falls through to the hub: a path that looks local but does not exist is an error, so an
+offline machine gets "no such directory" instead of a network timeout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.data.toy import TOY_SST2, toy_sst2_rows
+
+# file suffix -> (datasets builder, extra builder kwargs)
+BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}),
+    ".parquet": ("parquet", {}),
+}
+# file stems that name the same split (GLUE ships dev.*, the hub calls it validation)
+SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
+
+
+def canonical_split(name: str) -> str:
+    return SPLIT_ALIASES.get(name, name)
+
+
+def looks_local(path: str) -> bool:
+    """True for anything that cannot be a hub id ('owner/name' or 'name')."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix in BUILDERS
+
+
+def _load_file(path: Path, split: str):
+    import datasets
+
+    builder, kwargs = BUILDERS[path.suffix]
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    except Exception as err:  # datasets raises many types for unreadable files; the user needs the file name
+        raise RecipeError(f"data.path: cannot read {path} as {builder}: {type(err).__name__}: {err}") from err
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix not in BUILDERS or not path.is_file():
+            continue
+        split = canonical_split(path.stem)
+        if split in files:
+            raise RecipeError(
+                f"data.path: {directory} holds two files for split {split!r}: {files[split].name} and {path.name} "
+                "(hint: keep one, or point data.path at a file)"
+            )
+        files[split] = path
+    return files
+
+
+def _missing_split(split: str, available: list[str], where: str, key: str) -> RecipeError:
+    hint = "set data.eval_split=null to train without evaluation, or data.eval_path=FILE" if key == "data.eval_split" \
+        else "set data.train_split to one of the available splits"
+    return RecipeError(f"{key}: split {split!r} not found in {where} (available: {', '.join(available) or 'none'}) (hint: {hint})")
+
+
+def load_splits(data: Any) -> dict[str, Any]:
+    """{"train": Dataset, "eval": Dataset or None} for a recipe's `data` section."""
+    wanted = {"train": (canonical_split(data.train_split), "data.train_split")}
+    if data.eval_split is not None:
+        wanted["eval"] = (canonical_split(data.eval_split), "data.eval_split")
+    out: dict[str, Any] = {"train": None, "eval": None}
+
+    if data.eval_path is not None:
+        eval_file = Path(data.eval_path).expanduser()
+        if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
+            raise RecipeError(
+                f"data.eval_path: {data.eval_path!r} is not a {'/'.join(BUILDERS)} file"
+            )
+        out["eval"] = _load_file(eval_file, "validation")
+        wanted.pop("eval", None)
+
+    path = data.path
+    if path == TOY_SST2:
+        import datasets
+
+        for role, (split, key) in wanted.items():
+            try:
+                out[role] = datasets.Dataset.from_list(toy_sst2_rows(split))
+            except KeyError:
+                raise _missing_split(split, ["train", "validation"], TOY_SST2, key) from None
+        return out
+    if path is not None and path.startswith("builtin:"):
+        raise RecipeError(f"data.path: unknown builtin dataset {path!r} (known: {TOY_SST2})")
+
+    local = Path(path).expanduser() if path is not None else None
+    if local is not None and local.is_dir():
+        files = _split_files(local)
+        for role, (split, key) in wanted.items():
+            if split not in files:
+                raise _missing_split(split, sorted(files), str(local), key)
+            out[role] = _load_file(files[split], split)
+        return out
+    if local is not None and local.is_file():
+        if local.suffix not in BUILDERS:
+            raise RecipeError(f"data.path: {path} has an unknown suffix (hint: one of {', '.join(BUILDERS)})")
+        out["train"] = _load_file(local, "train")
+        if "eval" in wanted:
+            raise RecipeError(
+                f"data.eval_split: data.path is the single file {path}, which holds only training data "
+                "(hint: set data.eval_path=FILE for evaluation, point data.path at a directory with "
+                "train.* and dev.*/validation.*, or set data.eval_split=null)"
+            )
+        return out
+    if path is not None and looks_local(path):
+        raise RecipeError(
+            f"data.path: {path!r} does not exist (relative paths are relative to the working directory "
+            f"{Path.cwd()}) (hint: check the path; GLUE copies look like ../shared/data/glue/RTE)"
+        )
+    return _load_hub(data, wanted, out)
+
+
+def _load_hub(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+    import datasets
+
+    from hiddenkey_ds.data.templates import get_template
+
+    template = get_template(data.task) if data.task else None
+    path = data.path or (template.hub_path if template else None)
+    name = data.name
+    if name is None and template is not None and path == template.hub_path:
+        name = template.hub_name
+    if path is None:
+        raise RecipeError(f"data.task={data.task!r} has no hub dataset: set data.path to a local file or directory")
+    for role, (split, key) in wanted.items():
+        try:
+            out[role] = datasets.load_dataset(path, name, split=split, revision=data.revision)
+        except ValueError as err:
+            if "split" in str(err).lower():
+                raise RecipeError(f"{key}: split {split!r} not found in hub dataset {path}/{name}: {err}") from err
+            raise RecipeError(f"data.path: cannot load hub dataset {path!r} (config {name!r}): {err}") from err
+        except Exception as err:  # connection errors come in many types; say what was tried and the way out
+            raise RecipeError(
+                f"data.path: cannot load hub dataset {path!r} (config {name!r}, split {split!r}): "
+                f"{type(err).__name__}: {err} (hint: offline, point data.path at a local copy, e.g. "
+                "../shared/data/glue/RTE)"
+            ) from err
+    return out

@@ -1,0 +1,174 @@
+"""build_datasets: a recipe's data section + tokenizer -> tokenized train/eval datasets and a DataReport."""
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.data.encoding import OK, TOO_LONG, TRUNCATED, encode_pair, split_ids
+from hiddenkey_ds.data.loading import load_splits
+from hiddenkey_ds.data.report import DataReport, SplitReport
+from hiddenkey_ds.data.templates import get_template
+
+UNLABELLED, INVALID = "unlabelled", "invalid"
+_MAP_BATCH = 1000
+
+
+def _required_columns(data: Any) -> list[str]:
+    if data.format == "classification":
+        template = get_template(data.task)
+        return [*template.fields, template.label_field]
+    if data.messages_field:
+        return [data.messages_field]
+    return [data.prompt_field, data.response_field]
+
+
+def _check_columns(data: Any, splits: dict[str, Any]) -> None:
+    problems = []
+    need = _required_columns(data)
+    for role, ds in splits.items():
+        if ds is None:
+            continue
+        missing = [c for c in need if c not in ds.column_names]
+        if missing:
+            if data.format == "classification":
+                hint = (f"data.task={data.task} reads columns {need} (field names of the hub nyu-mll/glue / "
+                        "super_glue datasets); is data.task right for this data?")
+            else:
+                hint = "set data.prompt_field/data.response_field, or data.messages_field for chat data"
+            problems.append(
+                f"data.path: the {role} split lacks column(s) {missing}; it has {ds.column_names} (hint: {hint})"
+            )
+    if problems:
+        raise RecipeError(problems)
+
+
+class _Renderer:
+    """Example -> (prompt text, answer text, add_special_tokens), or a drop status."""
+
+    def __init__(self, data: Any, tokenizer: Any):
+        self.data = data
+        self.tokenizer = tokenizer
+        self.template = get_template(data.task) if data.format == "classification" else None
+        self.use_chat = data.format == "sft" and (data.messages_field is not None or data.chat_template)
+        if self.use_chat and not getattr(tokenizer, "chat_template", None):
+            raise RecipeError(
+                "data.chat_template: the tokenizer has no chat template (hint: data.chat_template=false renders "
+                "prompt + response + eos; chat messages need a chat model's tokenizer)"
+            )
+
+    def __call__(self, example: dict) -> tuple[str, str, bool] | str:
+        if self.template is not None:
+            try:
+                answer = self.template.render_answer(example)
+            except ValueError:
+                return UNLABELLED
+            # BOS etc. come from the tokenizer's own special-token handling, as in lm-eval
+            return self.template.render_prompt(example), answer, True
+        if self.data.messages_field:
+            messages = example[self.data.messages_field]
+            if not messages or not isinstance(messages, list) or messages[-1].get("role") != "assistant":
+                return INVALID
+        else:
+            prompt, response = example[self.data.prompt_field], example[self.data.response_field]
+            if not response or not str(response).strip():
+                return INVALID
+            if not self.use_chat:
+                return str(prompt), str(response) + (self.tokenizer.eos_token or ""), True
+            messages = [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(response)}]
+        return (*self._chat_split(messages), False)  # the template writes its own BOS
+
+    def _chat_split(self, messages: list[dict]) -> tuple[str, str]:
+        tok = self.tokenizer
+        prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt) or len(full) == len(prompt):
+            raise RecipeError(
+                "data.chat_template: the tokenizer's chat template does not render the conversation as "
+                "<prompt with generation prompt> + <response>, so the response cannot be isolated for the loss "
+                "(hint: data.chat_template=false)"
+            )
+        return prompt, full[len(prompt):]
+
+
+def _encode_batch(batch: dict[str, list], render: _Renderer, tokenizer: Any, data: Any) -> dict[str, list]:
+    n = len(next(iter(batch.values())))
+    rows = [render({k: v[i] for k, v in batch.items()}) for i in range(n)]
+    out: dict[str, list] = {"input_ids": [None] * n, "labels": [None] * n, "status": [None] * n}
+    for flag in (True, False):
+        idx = [i for i, r in enumerate(rows) if not isinstance(r, str) and r[2] is flag]
+        if not idx:
+            continue
+        pairs = split_ids(tokenizer, [rows[i][0] for i in idx], [rows[i][1] for i in idx], add_special_tokens=flag)
+        for i, (prompt_ids, answer_ids) in zip(idx, pairs):
+            if not answer_ids:
+                out["status"][i] = INVALID
+                continue
+            ids, labels, status = encode_pair(prompt_ids, answer_ids, data.max_length, data.truncation,
+                                              tokenizer.bos_token_id)
+            out["input_ids"][i], out["labels"][i], out["status"][i] = ids or [], labels or [], status
+    for i, r in enumerate(rows):
+        if isinstance(r, str):
+            out["input_ids"][i], out["labels"][i], out["status"][i] = [], [], r
+    return out
+
+
+def _tokenize_split(ds: Any, role: str, render: _Renderer, tokenizer: Any, data: Any, report: SplitReport):
+    encoded = ds.map(
+        _encode_batch, batched=True, batch_size=_MAP_BATCH, remove_columns=ds.column_names,
+        fn_kwargs={"render": render, "tokenizer": tokenizer, "data": data},
+        # in memory: every rank tokenizes the same small data; shared on-disk cache files would race
+        keep_in_memory=True, load_from_cache_file=False, desc=f"tokenizing {role}",
+        # a fixed fingerprint: hashing the tokenizer to make one is slow and warns; nothing is cached anyway
+        new_fingerprint=f"hiddenkey-ds-{role}-{uuid.uuid4().hex}",
+    )
+    counts = Counter(encoded["status"])
+    report.truncated = counts[TRUNCATED]
+    report.dropped_too_long = counts[TOO_LONG]
+    report.dropped_unlabelled = counts[UNLABELLED]
+    report.dropped_invalid = counts[INVALID]
+    kept_rows = [i for i, s in enumerate(encoded["status"]) if s in (OK, TRUNCATED)]
+    kept = encoded.select(kept_rows, keep_in_memory=True)
+    report.kept = len(kept)
+    return kept.remove_columns("status")
+
+
+def _empty_problem(role: str, report: SplitReport, data: Any) -> str:
+    return (
+        f"data: the {role} split is empty after filtering ({report.line()}) (hint: "
+        + ("raise data.max_length or use data.truncation=left" if report.dropped_too_long else
+           "check data.task and the label column" if report.dropped_unlabelled else
+           "check the data source")
+        + ")"
+    )
+
+
+def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
+    """(train_ds, eval_ds or None, report). Datasets hold `input_ids` and `labels` (-100 off the answer).
+
+    The training subset (data.max_train_examples) is a seeded random sample; evaluation takes the first N.
+    Raises RecipeError for missing columns, missing splits and splits left empty by filtering.
+    """
+    data = recipe.data
+    source = data.path or f"hub {get_template(data.task).hub_path}"
+    report = DataReport(source=source, format=data.format, task=data.task, max_length=data.max_length)
+    splits = load_splits(data)
+    _check_columns(data, splits)
+    render = _Renderer(data, tokenizer)
+    out: dict[str, Any] = {"train": None, "eval": None}
+    problems = []
+    for role, ds in splits.items():
+        if ds is None:
+            continue
+        split_report = report.splits[role] = SplitReport(split=role, rows=len(ds))
+        limit = data.max_train_examples if role == "train" else data.max_eval_examples
+        if limit is not None and limit < len(ds):
+            ds = ds.shuffle(seed=recipe.run.seed).select(range(limit)) if role == "train" else ds.select(range(limit))
+        split_report.selected = len(ds)
+        out[role] = _tokenize_split(ds, role, render, tokenizer, data, split_report)
+        if split_report.kept == 0:
+            problems.append(_empty_problem(role, split_report, data))
+    if problems:
+        raise RecipeError(problems)
+    return out["train"], out["eval"], report

@@ -1,0 +1,51 @@
+"""What happened to the data: rows read, kept, truncated and dropped (with why), per split."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SplitReport:
+    split: str
+    rows: int = 0                 # rows in the source split (before max_*_examples)
+    selected: int = 0             # rows after max_*_examples
+    kept: int = 0                 # examples in the final dataset
+    truncated: int = 0            # kept, with the prompt cut from the left to fit max_length
+    dropped_too_long: int = 0     # the answer alone does not fit, or data.truncation=drop
+    dropped_unlabelled: int = 0   # label outside the verbalizer (e.g. -1 in GLUE test splits)
+    dropped_invalid: int = 0      # sft: empty response or no final assistant turn
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_too_long + self.dropped_unlabelled + self.dropped_invalid
+
+    def line(self) -> str:
+        parts = [f"{self.kept} kept of {self.selected}"]
+        if self.selected != self.rows:
+            parts[0] += f" selected from {self.rows}"
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated (prompt cut from the left)")
+        for what, n in (("too long", self.dropped_too_long), ("unlabelled", self.dropped_unlabelled),
+                        ("invalid", self.dropped_invalid)):
+            if n:
+                parts.append(f"{n} dropped: {what}")
+        return f"{self.split}: " + ", ".join(parts)
+
+
+@dataclass
+class DataReport:
+    source: str
+    format: str
+    task: str | None
+    max_length: int
+    splits: dict[str, SplitReport] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        head = f"data {self.source} ({self.format}{', ' + self.task if self.task else ''}, max_length {self.max_length})"
+        return "\n".join([head, *("  " + s.line() for s in self.splits.values())])
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name, split in self.splits.items():
+            out["splits"][name]["dropped"] = split.dropped
+        return out

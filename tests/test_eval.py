@@ -1,0 +1,185 @@
+"""The evaluation path: lm-eval task YAMLs, `hiddenkey-ds eval`, and its agreement with the stock `lm_eval` CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hiddenkey_ds import evaluate
+from hiddenkey_ds.data.templates import TEMPLATES, get_template
+from hiddenkey_ds.data.toy import toy_sst2_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+RTE = ROOT.parent / "shared" / "data" / "glue" / "RTE"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1",
+       "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """A real PEFT adapter on builtin:tiny-llama with non-zero LoRA weights (so it changes the scores)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hiddenkey_ds.models import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory) -> Path:
+    """A local SST-2-shaped directory (dev.jsonl, like ../shared's GLUE copies) for the *_local tasks."""
+    d = tmp_path_factory.mktemp("sst2")
+    rows = toy_sst2_rows("validation")[:40]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_sst2_rows("train")[:16]))
+    (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_every_template_has_hub_and_local_tasks():
+    tasks = ROOT / "eval" / "tasks"
+    for name in TEMPLATES:
+        hub = yaml.safe_load((tasks / f"hk_{name}.yaml").read_text())
+        local = (tasks / f"hk_{name}_local.yaml").read_text()
+        assert hub["task"] == f"hk_{name}" and hub["include"] == f"_{name}_template_yaml"
+        assert f"utils.load_{name}_local" in local
+        template = (tasks / f"_{name}_template_yaml").read_text()
+        assert 'target_delimiter: ""' in template and "version: 1.0" in template
+
+
+def test_prompts_are_the_training_templates_and_match_stock_lm_eval_strings():
+    """lm-eval scores render_prompt(doc) + choice: the training text. The hub variants also score the very
+    strings of lm-eval's stock tasks (their Jinja prompt + " " + answer)."""
+    import importlib.util
+
+    import lm_eval.tasks
+    from lm_eval.utils import apply_template
+
+    spec = importlib.util.spec_from_file_location("hk_task_utils", ROOT / "eval" / "tasks" / "utils.py")
+    task_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task_utils)
+    stock_dir = Path(lm_eval.tasks.__file__).parent
+    stock = {"rte": "glue/rte", "mrpc": "glue/mrpc", "sst2": "glue/sst2", "cola": "glue/cola", "qnli": "glue/qnli",
+             "boolq": "super_glue/boolq"}
+    doc = {"sentence1": "A cat sat.", "sentence2": "A cat", "sentence": "It was fine .", "question": "is it",
+           "passage": "Some passage.", "label": 1}
+    for name, template in TEMPLATES.items():
+        text = getattr(task_utils, f"doc_to_text_{name}")(doc)
+        choices = getattr(task_utils, f"doc_to_choice_{name}")(doc)
+        target = getattr(task_utils, f"doc_to_target_{name}")(doc)
+        assert text + choices[target] == template.render_prompt(doc) + template.render_answer(doc)
+        cfg = yaml.safe_load((stock_dir / stock[name] / "default.yaml").read_text())
+        stock_strings = [apply_template(cfg["doc_to_text"], doc) + " " + c for c in cfg["doc_to_choice"]]
+        assert [text + c for c in choices] == stock_strings, name
+
+
+def test_tasks_for_recipe(tmp_path):
+    local = tmp_path / "RTE"
+    local.mkdir()
+    assert evaluate.tasks_for_recipe({"data": {"task": "rte", "path": str(local)}}) == (
+        ["hk_rte_local"], {"rte_dir": str(local.resolve())})
+    assert evaluate.tasks_for_recipe({"data": {"task": "rte"}}) == (["hk_rte"], {})
+    assert evaluate.tasks_for_recipe({"data": {"task": "sst2", "path": "builtin:toy-sst2"}}) == (["hk_toy_sst2"], {})
+    assert evaluate.tasks_for_recipe({"eval": {"tasks": ["hk_cola"]}, "data": {"task": "rte"}}) == (["hk_cola"], {})
+    with pytest.raises(evaluate.EvalError, match="sft"):
+        evaluate.tasks_for_recipe({"data": {"format": "sft", "path": str(local)}})
+    with pytest.raises(evaluate.EvalError, match="neither a local directory"):
+        evaluate.tasks_for_recipe({"data": {"task": "rte", "path": str(tmp_path / "missing")}})
+
+
+def test_local_task_without_directory_says_how_to_give_it(adapter, tmp_path):
+    with pytest.raises(ValueError, match="rte_dir"):
+        evaluate.run_eval(adapter, ["hk_rte_local"], limit=2, base="builtin:tiny-llama", out_dir=tmp_path)
+
+
+def test_hiddenkey_eval_equals_stock_lm_eval_cli(adapter, sst2_dir, tmp_path):
+    """`hiddenkey-ds eval` and the `lm_eval` command it prints give identical numbers and the expected layout."""
+    out = tmp_path / "ours"
+    rc = subprocess.run(
+        [sys.executable, "-m", "hiddenkey_ds.cli", "eval", str(adapter), "--base", "builtin:tiny-llama",
+         "--tasks", "hk_toy_sst2,hk_sst2_local", "--data-dir", f"sst2={sst2_dir}", "--limit", "24",
+         "--batch-size", "4", "--out", str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    assert "|hk_toy_sst2" in rc.stdout and "stock equivalent: lm_eval" in rc.stdout
+    ours = json.loads((out / "results.json").read_text())
+
+    # layout: lm-eval's own keys plus ours
+    for key in ("results", "versions", "n-shot", "configs", "config", "hiddenkey_ds"):
+        assert key in ours
+    for task in ("hk_toy_sst2", "hk_sst2_local"):
+        row = ours["results"][task]
+        assert 0.0 <= row["acc,none"] <= 1.0 and row["acc_stderr,none"] > 0
+        assert ours["versions"][task] == 1.0 and ours["n-shot"][task] == 0
+        assert ours["configs"][task]["target_delimiter"] == ""
+        assert ours["n-samples"][task]["effective"] == 24
+    meta = ours["hiddenkey_ds"]
+    assert meta["adapter"] == str(adapter.resolve()) and meta["limit"] == 24 and meta["quantization"] == "none"
+
+    # the stock CLI, run exactly as printed (plus an output path)
+    stock_out = tmp_path / "stock"
+    cmd = shlex.split(meta["stock_command"]) + ["--output_path", str(stock_out)]
+    assert cmd[:3] == ["lm_eval", "--model", "hf"]
+    rc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    [stock_file] = stock_out.rglob("results_*.json")
+    stock = json.loads(stock_file.read_text())
+    assert stock["results"] == ours["results"]
+    assert stock["n-samples"] == ours["n-samples"]
+
+
+def test_base_only_writes_the_before_row(sst2_dir, tmp_path):
+    [path] = evaluate.run_eval("builtin:tiny-llama", ["hk_sst2_local"], limit=8, batch_size=8, base_only=True,
+                               data_dirs={"sst2_dir": str(sst2_dir)}, out_dir=tmp_path, log=lambda *_: None)
+    assert path.name == "base.json"
+    result = json.loads(path.read_text())
+    assert result["hiddenkey_ds"]["adapter"] is None
+    assert "peft" not in result["config"]["model_args"]
+    assert evaluate.primary_metrics(result)["hk_sst2_local"]["acc"] == result["results"]["hk_sst2_local"]["acc,none"]
+
+
+def test_cli_errors_are_precise(tmp_path):
+    assert evaluate.main([str(tmp_path)]) == 2  # neither a run nor an adapter
+    with pytest.raises(evaluate.EvalError, match="no final adapter"):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "builtin:tiny-llama"}}))
+        evaluate.resolve_target(str(tmp_path))
+    assert get_template("rte").choices == (" True", " False")
+
+
+def test_training_tokens_are_the_tokens_lm_eval_scores():
+    """data.encoding.split_ids (training) and lm-eval's HFLM._encode_pair split prompt/answer identically."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hiddenkey_ds.data.encoding import split_ids
+    from hiddenkey_ds.models import resolve_model_path
+
+    path = resolve_model_path("builtin:tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(path), tokenizer=tokenizer, device="cpu")
+    docs = toy_sst2_rows("validation")[:6] + [
+        {"sentence1": "Paris is in France.", "sentence2": "Paris is French", "question": "Is it", "sentence": "Yes.",
+         "passage": "A passage", "label": 0}]
+    for name, template in TEMPLATES.items():
+        for doc in docs:
+            if not all(f in doc for f in template.fields):
+                continue
+            for choice in template.choices:
+                prompt = template.render_prompt(doc)
+                [(ctx, ans)] = split_ids(tokenizer, [prompt], [choice], add_special_tokens=True)
+                assert lm._encode_pair(prompt, choice) == (ctx, ans), (name, prompt, choice)
