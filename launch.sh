@@ -137,6 +137,7 @@ if [[ -n $NODE_RANK_ENV ]]; then
     NODE_RANK=${!NODE_RANK_ENV}
 fi
 [[ -z $NODE_RANK ]] || is_uint "$NODE_RANK" || die "--node-rank must be a whole number >= 0, got '$NODE_RANK'"
+[[ -z $NODE_RANK || -n $HOSTFILE ]] || die "--node-rank needs --hostfile (the nodes and their slots)"
 if [[ -z $MODE ]]; then
     if [[ -n $HOSTFILE ]]; then MODE=hostfile
     elif [[ -n ${SLURM_JOB_ID:-} ]]; then MODE=slurm
@@ -144,13 +145,12 @@ if [[ -z $MODE ]]; then
     fi
 fi
 case $MODE in
-    local) [[ -z $HOSTFILE && -z $NODE_RANK ]] || die "--mode local takes no --hostfile/--node-rank" ;;
+    local) [[ -z $HOSTFILE ]] || die "--mode local takes no --hostfile" ;;
     hostfile) [[ -n $HOSTFILE ]] || die "--mode hostfile needs --hostfile FILE" ;;
     slurm) [[ -z $HOSTFILE ]] || die "--mode slurm builds its own hostfile from the allocation; drop --hostfile"
            [[ -n ${SLURM_JOB_ID:-} ]] || die "--mode slurm needs a SLURM allocation (run it under sbatch or salloc)" ;;
     *) die "--mode must be local, hostfile or slurm, got '$MODE'" ;;
 esac
-[[ -z $NODE_RANK || $MODE == hostfile ]] || die "--node-rank needs --hostfile"
 
 # the interpreter's real path (not a pyenv/conda shim), the same on every node
 PY=$("${HKDS_PYTHON:-python3}" -c 'import sys; print(sys.executable)') ||

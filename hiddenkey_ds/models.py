@@ -137,6 +137,21 @@ def _enable_gradient_checkpointing(model: Any) -> None:
         model.enable_input_require_grads()
 
 
+def _disable_cpu_weight_repacking(model: Any) -> None:
+    """bitsandbytes' CPU Linear4bit, in eval mode without grad, repacks its weight in place into an AVX512-BF16
+    layout and flags the (shared) quant_state as packed. Under ZeRO-3 the weight it repacks is a temporary
+    gathered copy: the repacked data is dropped on release, the flag stays, and every later gather feeds the
+    original layout to the packed kernel, so the base weights silently change (ZeRO-3 QLoRA drifted from
+    ZeRO-2 after the first evaluation). Training never repacks; evaluation keeps the training kernel."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def lora_config(recipe: Any):
     from peft import LoraConfig
 
@@ -177,6 +192,8 @@ def load_model(recipe: Any, ds_config: dict | None = None) -> tuple[Any, Any]:
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model.name={m.name!r} from {path!r}: {err}") from err
 
+    if quant is not None:
+        _disable_cpu_weight_repacking(model)
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

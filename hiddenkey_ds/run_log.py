@@ -80,7 +80,7 @@ class RunLogger:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.info(f"run dir: {self.run_dir}")
         self.info(f"model: {recipe.model.name} | dropout: {recipe.dropout.describe()} | trainable params: {trainable:,}")
-        self.info(f"data: {data_report.summary()}")
+        self.info(data_report.summary())
         self.info(f"DeepSpeed: ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}, "
                   f"global batch {ds_config['train_batch_size']}, {self.total_steps} steps")
 

@@ -125,7 +125,6 @@ def train(recipe_path: str, overrides: list[str]) -> int:
             print(f"{run_dir} holds a finished run (summary.json); nothing to do")
         return 0
     refuse_unfinished_run_without_resume(recipe)
-    torch.manual_seed(recipe.run.seed + rank)  # dropout masks differ across ranks, repeat across runs
 
     tokenizer = load_tokenizer(recipe)
     train_ds, eval_ds, data_report = build_datasets(recipe, tokenizer)
@@ -144,6 +143,7 @@ def train(recipe_path: str, overrides: list[str]) -> int:
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config)
 
+    torch.manual_seed(recipe.run.seed + rank)  # masks: independent across ranks, repeatable across runs
     log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
     log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
     step, epoch, consumed = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it

@@ -101,9 +101,11 @@ def test_tasks_for_recipe(tmp_path):
         evaluate.tasks_for_recipe({"data": {"task": "rte", "path": str(tmp_path / "missing")}})
 
 
-def test_local_task_without_directory_says_how_to_give_it(adapter, tmp_path):
+def test_local_task_without_directory_says_how_to_give_it():
+    from lm_eval.tasks import TaskManager, get_task_dict
+
     with pytest.raises(ValueError, match="rte_dir"):
-        evaluate.run_eval(adapter, ["hk_rte_local"], limit=2, base="builtin:tiny-llama", out_dir=tmp_path)
+        get_task_dict(["hk_rte_local"], TaskManager(include_path=str(evaluate.TASKS_DIR), metadata={}))
 
 
 def test_hiddenkey_eval_equals_stock_lm_eval_cli(adapter, sst2_dir, tmp_path):

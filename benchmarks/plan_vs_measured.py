@@ -1,0 +1,309 @@
+"""The memory planner's estimate next to the peak memory of a real training step, measured on CPU.
+
+    python benchmarks/plan_vs_measured.py                  # tiny + SmolLM2-135M, ZeRO 0/2/3, LoRA vs HiddenKey
+    python benchmarks/plan_vs_measured.py --models tiny --stages 0,3 --world 2 --json out.json
+
+What is measured: every rank (gloo, one process per rank) builds the model from its config (random init,
+no files), adds LoRA and the objective exactly as hiddenkey_ds.models / train.py do (same recipe schema,
+`lora_config`, gradient checkpointing helper, `HiddenKeyObjective`, `resolve_ds_config`,
+`deepspeed.initialize`) and runs two optimizer steps. Peak = the process's resident-set high-water mark over
+those steps (VmHWM, reset through /proc/self/clear_refs just before them) minus its resident set after the
+imports and process-group set-up, before the model exists. glibc is told to serve every allocation above
+64 KiB with mmap (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the resident set at once and the
+high-water mark tracks live tensors rather than allocator caching.
+
+What that cannot check: device-only terms of the planner (CUDA context, caching-allocator fragmentation,
+DeepSpeed's untouched bucket pages). The comparison therefore uses PlanConfig(device="cpu"), which leaves
+exactly those out, and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hiddenkey_ds.model_shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
+from hiddenkey_ds.plan import GIB, MemoryPlan, PlanConfig, estimate  # noqa: E402
+
+MIB = 1024**2
+TINY_RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
+# builtin:tiny-llama's architecture (hiddenkey_ds.builtin_models.TINY_CONFIG, vocabulary 1024)
+TINY_SHAPE = ModelShape("tiny-llama", layers=2, hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=1024,
+                        tie_embeddings=False)
+SHAPES = {"tiny": TINY_SHAPE, "smollm2": BUILTIN_SHAPES["smollm2-135m"]}
+METHODS = {"lora": "none", "hiddenkey": "hiddenkey"}  # -> dropout.preset
+
+# Acceptance: |estimate - measured| <= max(REL_TOL * measured, ABS_TOL). The floor covers allocator and
+# Python-object noise of a few MiB that does not scale with the model; every validated configuration is
+# sized so that the relative term dominates (peaks of 150 MiB and more).
+REL_TOL = 0.20
+ABS_TOL = 24 * MIB
+
+
+@dataclass(frozen=True)
+class Spec:
+    model: str = "tiny"              # tiny | smollm2
+    stage: int = 0                   # ZeRO stage (ds_configs/zero{stage}.json)
+    method: str = "lora"             # lora | hiddenkey
+    micro_batch: int = 8
+    seq_len: int = 256
+    supervised: int = 8              # supervised (label) tokens per sequence
+    lora_r: int = 8
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    checkpointing: bool = False
+    chunk_tokens: int = 1024
+
+    @property
+    def label(self) -> str:
+        ckpt = " +ckpt" if self.checkpointing else ""
+        return f"{self.model} ZeRO-{self.stage} {self.method}{ckpt} b{self.micro_batch}xs{self.seq_len}"
+
+
+def recipe_overrides(spec: Spec) -> list[str]:
+    return [f"run.deepspeed=zero{spec.stage}", "model.dtype=fp32", f"lora.r={spec.lora_r}",
+            f"lora.target_modules=[{','.join(spec.targets)}]", f"dropout.preset={METHODS[spec.method]}",
+            f"train.micro_batch_size={spec.micro_batch}", "train.grad_accum=1", "train.max_steps=2",
+            f"train.loss_chunk_tokens={spec.chunk_tokens}", f"model.gradient_checkpointing={str(spec.checkpointing).lower()}",
+            f"data.max_length={spec.seq_len}", "train.torch_adam=true"]
+
+
+def plan_config(spec: Spec, world: int) -> PlanConfig:
+    """The planner's view of a Spec, from the same recipe + resolved DeepSpeed config the worker trains with."""
+    from hiddenkey_ds.config import load_recipe
+    from hiddenkey_ds.ds_config import resolve_ds_config
+    from hiddenkey_ds.plan import config_from_recipe
+
+    recipe = load_recipe(TINY_RECIPE, recipe_overrides(spec), world_size=world, check_output_dir=False)
+    ds = resolve_ds_config(recipe, world, total_steps=2)
+    return config_from_recipe(recipe, ds, nodes=1, gpus_per_node=world, gpu_mem_gib=1e6, shape=SHAPES[spec.model],
+                              seq_len=spec.seq_len, supervised_tokens=spec.supervised, device="cpu")
+
+
+def estimate_spec(spec: Spec, world: int) -> MemoryPlan:
+    from dataclasses import replace
+
+    return estimate(replace(plan_config(spec, world), padded=False), suggest=False)
+
+
+# -- the worker (one process per rank) -----------------------------------------------------------------------
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+
+
+def _measure_one(spec: Spec, world: int) -> dict:
+    import deepspeed
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hiddenkey_ds.config import load_recipe
+    from hiddenkey_ds.ds_config import resolve_ds_config
+    from hiddenkey_ds.models import _enable_gradient_checkpointing, lora_config
+    from hiddenkey_ds.objective import HiddenKeyObjective
+
+    recipe = load_recipe(TINY_RECIPE, recipe_overrides(spec), world_size=world, check_output_dir=False)
+    ds = resolve_ds_config(recipe, world, total_steps=2)
+    shape = SHAPES[spec.model]
+    gc.collect()
+    base = _status("VmRSS")
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tie_embeddings, max_position_embeddings=max(2048, spec.seq_len),
+        attn_implementation=recipe.model.attn_implementation, use_cache=False)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if recipe.model.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    model = get_peft_model(model, lora_config(recipe))
+    model.train()
+    objective = HiddenKeyObjective(model, recipe.dropout, chunk_tokens=recipe.train.loss_chunk_tokens)
+    engine, *_ = deepspeed.initialize(
+        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds)
+    engine.train()
+
+    g = torch.Generator().manual_seed(1)
+    b, s = spec.micro_batch, spec.seq_len
+    input_ids = torch.randint(3, shape.vocab, (b, s), generator=g)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, s - spec.supervised:] = input_ids[:, s - spec.supervised:]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    gc.collect()
+    after_init = _status("VmRSS")
+    _reset_peak()
+    phases = {}
+    t0 = time.perf_counter()
+    for step in range(2):
+        out = engine(**batch)
+        phases.setdefault("forward", _status("VmHWM"))
+        engine.backward(out.loss)
+        phases.setdefault("backward", _status("VmHWM"))
+        engine.step()
+    seconds = time.perf_counter() - t0
+    peak = _status("VmHWM")
+    loss = float(out.loss)
+
+    engine.destroy() if hasattr(engine, "destroy") else None
+    del engine, objective, model, out
+    gc.collect()
+    return {"peak": peak - base, "after_init": after_init - base, "forward": phases["forward"] - base,
+            "backward": phases["backward"] - base, "leftover": _status("VmRSS") - base, "seconds": seconds,
+            "loss": loss}
+
+
+def worker(specs: list[Spec]) -> None:
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = int(os.environ["WORLD_SIZE"])
+    # one throw-away run first: lazy one-time allocations (kernel caches, thread pools, DeepSpeed's op loading)
+    # would otherwise land in the first measured configuration
+    _measure_one(Spec(model="tiny", stage=specs[0].stage, method="hiddenkey", micro_batch=1, seq_len=16), world)
+    for spec in specs:
+        t0 = time.perf_counter()
+        result = _measure_one(spec, world)
+        result["wall"] = time.perf_counter() - t0
+        print("RESULT " + json.dumps({"spec": asdict(spec), "rank": int(os.environ["RANK"]), **result}), flush=True)
+
+
+# -- the driver --------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]:
+    """Run `specs` in `world` fresh rank processes; one dict per spec with every rank's numbers."""
+    port = str(_free_port())
+    payload = json.dumps([asdict(s) for s in specs])
+    env_common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
+                  "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+                  "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--worker", payload],
+        env={**env_common, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_SIZE": str(world)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outputs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"measurement rank exited with {p.returncode}:\n{err[-4000:]}")
+        outputs.append([json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")])
+    results = []
+    for i, spec in enumerate(specs):
+        ranks = [o[i] for o in outputs]
+        results.append({"spec": spec, "world": world, "ranks": ranks,
+                        "measured": max(r["peak"] for r in ranks)})
+    return results
+
+
+@dataclass
+class Comparison:
+    spec: Spec
+    world: int
+    estimate: float
+    measured: float
+    plan: MemoryPlan = field(repr=False)
+    ranks: list = field(default_factory=list, repr=False)
+
+    @property
+    def error(self) -> float:
+        return (self.estimate - self.measured) / self.measured
+
+    @property
+    def tolerance(self) -> float:
+        return max(REL_TOL * self.measured, ABS_TOL)
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.estimate - self.measured) <= self.tolerance
+
+
+def compare(specs: list[Spec], world: int = 2) -> list[Comparison]:
+    out = []
+    for res in measure(specs, world):
+        plan = estimate_spec(res["spec"], world)
+        out.append(Comparison(res["spec"], world, plan.total_bytes, res["measured"], plan, res["ranks"]))
+    return out
+
+
+def table(rows: list[Comparison]) -> str:
+    lines = ["| configuration | ranks | estimate (MiB) | measured peak (MiB) | error | within tolerance |",
+             "|---|---:|---:|---:|---:|:---:|"]
+    for c in rows:
+        lines.append(f"| {c.spec.label} | {c.world} | {c.estimate / MIB:.0f} | {c.measured / MIB:.0f} | "
+                     f"{c.error:+.1%} | {'yes' if c.ok else 'NO'} |")
+    return "\n".join(lines)
+
+
+def default_specs(models: list[str], stages: list[int], methods: list[str]) -> list[Spec]:
+    specs = []
+    for model in models:
+        # sized so that activations and weights, not allocator noise, dominate the peak
+        size = dict(micro_batch=8, seq_len=256) if model == "tiny" else dict(micro_batch=2, seq_len=128)
+        for stage in stages:
+            for method in methods:
+                specs.append(Spec(model=model, stage=stage, method=method, **size))
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,smollm2")
+    p.add_argument("--stages", default="0,2,3")
+    p.add_argument("--methods", default="lora,hiddenkey")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    p.add_argument("--json", help="write every number here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker([Spec(**{**d, "targets": tuple(d["targets"])}) for d in json.loads(args.worker)])
+        return 0
+    specs = default_specs(args.models.split(","), [int(s) for s in args.stages.split(",")], args.methods.split(","))
+    if args.checkpointing:
+        specs += [Spec(**{**asdict(s), "checkpointing": True}) for s in specs]
+    rows = compare(specs, args.world)
+    print(table(rows))
+    print(f"\ntolerance: |estimate - measured| <= max({REL_TOL:.0%} of measured, {ABS_TOL / MIB:.0f} MiB); "
+          "CPU peak RSS per rank (max over ranks) minus the process after imports")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"spec": asdict(c.spec), "world": c.world, "estimate": c.estimate, "measured": c.measured,
+              "ranks": c.ranks, "rows": [asdict(r) for r in c.plan.rows]} for c in rows], indent=2))
+    return 0 if all(c.ok for c in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

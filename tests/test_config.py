@@ -1,0 +1,280 @@
+"""Recipe schema, overrides, start-up validation and DeepSpeed config resolution."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hiddenkey_ds.config import RecipeError, load_recipe, reference_markdown
+from hiddenkey_ds.config.reference import reference_rows
+from hiddenkey_ds.ds_config import resolve_ds_config, start_lr_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny-hiddenkey.yaml"
+
+
+def _write(tmp_path: Path, data: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _minimal(tmp_path: Path, **sections) -> dict:
+    base = {
+        "run": {"output_dir": str(tmp_path / "out"), "deepspeed": "zero2"},
+        "model": {"name": "builtin:tiny-llama", "dtype": "fp32"},
+        "data": {"task": "sst2", "path": "builtin:toy-sst2"},
+        "train": {"micro_batch_size": 4, "grad_accum": 2, "max_steps": 10},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return base
+
+
+def _problems(path: Path, overrides=(), **kwargs) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides), **kwargs)
+    return info.value.problems
+
+
+# -- loading and overrides ---------------------------------------------------------------------------
+
+def test_overrides_are_typed_yaml_values_and_keep_preset_settings():
+    recipe = load_recipe(TINY, [
+        "train.lr=3e-4", "lora.target_modules=[q_proj,k_proj,v_proj]", "dropout.key.rate=0.2",
+        "train.max_steps=5", "data.max_eval_examples=null", "model.gradient_checkpointing=true",
+    ], check_output_dir=False)
+    assert recipe.train.lr == pytest.approx(3e-4) and isinstance(recipe.train.lr, float)
+    assert recipe.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    # a partial position block keeps the preset's other settings
+    assert recipe.dropout.key.rate == 0.2 and recipe.dropout.key.pattern == "column"
+    assert recipe.dropout.consistency == "kl" and recipe.dropout.alpha == 1.0
+    assert recipe.train.max_steps == 5 and recipe.data.max_eval_examples is None
+    assert recipe.model.gradient_checkpointing is True
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    path = _write(tmp_path, _minimal(tmp_path, train={"lr": "placeholder"}))
+    path.write_text(path.read_text().replace("placeholder", "1e-4"))
+    assert load_recipe(path).train.lr == pytest.approx(1e-4)
+
+
+def test_resolved_recipe_round_trips_through_yaml(tmp_path):
+    recipe = load_recipe(TINY, ["train.lr=7e-4", "dropout.hidden.rate=0.3"], check_output_dir=False)
+    again = load_recipe(_write(tmp_path, yaml.safe_load(recipe.to_yaml())), check_output_dir=False)
+    assert again == recipe
+
+
+def test_unknown_override_key_gets_did_you_mean():
+    problems = _problems(TINY, ["train.learning_rat=1", "lr=1", "model.nme=x", "train.max_steps.x=1"],
+                         check_output_dir=False)
+    assert "override train.learning_rat: unknown key (hint: did you mean train.lr?)" in problems
+    assert "override lr: unknown key (hint: did you mean train.lr?)" in problems
+    assert "override model.nme: unknown key (hint: did you mean model.name?)" in problems
+    assert any(p.startswith("override train.max_steps.x: train.max_steps is a value") for p in problems)
+
+
+def test_override_without_equals_sign():
+    problems = _problems(TINY, ["train.lr"], check_output_dir=False)
+    assert problems[0].startswith("override 'train.lr': expected KEY=VALUE")
+
+
+def test_unknown_yaml_key_and_foreign_name_hints(tmp_path):
+    data = _minimal(tmp_path, train={"learning_rate": 1e-4}, lora={"rnk": 4})
+    problems = _problems(_write(tmp_path, data))
+    assert "train.learning_rate: unknown key (hint: did you mean train.lr?)" in problems
+    assert "lora.rnk: unknown key (hint: did you mean lora.r?)" in problems
+
+
+# -- every bad-input case lists its own problem -----------------------------------------------------
+
+def test_wrong_types_and_out_of_range_rates_are_all_listed(tmp_path):
+    problems = _problems(TINY, [
+        "train.max_steps=abc", "train.warmup=abc", "dropout.hidden.rate=1.0", "lora.dropout=-0.1",
+        "model.dtype=fp16", "train.lr=0",
+    ], check_output_dir=False)
+    text = "\n".join(problems)
+    assert "train.max_steps: expected a whole number, got 'abc'" in problems
+    assert "train.warmup: expected a whole number or a number, got 'abc'" in problems
+    assert "dropout.hidden.rate: Input should be less than 1, got 1.0 (hint: a rate is a drop probability in [0, 1)" in text
+    assert "lora.dropout: Input should be greater than or equal to 0, got -0.1 (hint: a rate" in text
+    assert "model.dtype: Input should be 'bf16' or 'fp32'" in text
+    assert "train.lr: Input should be greater than 0, got 0" in text
+    assert len(problems) == 6
+
+
+def test_batch_arithmetic_single_source(tmp_path):
+    path = _write(tmp_path, _minimal(tmp_path, train={"global_batch_size": 32}))
+    recipe = load_recipe(path, world_size=4)
+    assert recipe.train.global_batch(4) == 32 == recipe.train.micro_batch_size * recipe.train.grad_accum * 4
+    problems = _problems(path, world_size=2)
+    assert problems == [
+        "train.global_batch_size: 32 != micro_batch_size 4 x grad_accum 2 x world size 2 = 16 (hint: set "
+        "train.grad_accum=4 to keep the global batch; global batch = micro_batch_size x grad_accum x world size; "
+        "unset train.global_batch_size to derive it)"
+    ]
+    # without a world size only divisibility can be checked
+    assert load_recipe(path).train.global_batch_size == 32
+    assert "no world size fits" in _problems(path, ["train.global_batch_size=30"])[0]
+
+
+def test_zero3_refuses_8bit_and_device_map(tmp_path):
+    path = _write(tmp_path, _minimal(tmp_path, run={"deepspeed": "zero3"},
+                                     model={"quantization": "8bit", "device_map": "auto"}))
+    problems = _problems(path)
+    assert len(problems) == 2
+    assert problems[0].startswith("model.quantization: 8bit with ZeRO-3 (zero3) is known to corrupt training")
+    assert problems[1].startswith("model.device_map: 'auto' with ZeRO-3 (zero3)")
+    # the same model settings are fine under ZeRO-2
+    assert load_recipe(path, ["run.deepspeed=zero2"]).model.quantization == "8bit"
+
+
+def test_finished_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"done": true}')
+    path = _write(tmp_path, _minimal(tmp_path))
+    problems = _problems(path)
+    assert problems == [
+        f"run.output_dir: {out} holds a finished run (summary.json); results are never overwritten "
+        "(hint: choose another run.output_dir, or pass run.resume=true to reuse it)"
+    ]
+    assert load_recipe(path, ["run.resume=true"]).run.resume is True
+    assert load_recipe(path, check_output_dir=False).run.output_dir == str(out)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    data = _minimal(tmp_path, run={"deepspeed": "zero3"}, model={"quantization": "8bit"},
+                    train={"global_batch_size": 64, "max_stepz": 3}, dropout={"preset": "hiddenkey", "alpha": 0})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, data), ["data.task=rtee"], world_size=2)
+    problems = info.value.problems
+    assert len(problems) == 6, problems
+    for start in ("data.task: unknown task 'rtee'", "train.max_stepz: unknown key", "dropout: consistency='kl' with alpha=0",
+                  "train.global_batch_size: 64 != ", "model.quantization: 8bit with ZeRO-3", "run.output_dir: "):
+        assert any(p.startswith(start) for p in problems), (start, problems)
+    assert str(info.value).startswith(f"{tmp_path / 'r.yaml'}: 6 problems:\n  - ")
+
+
+def test_length_must_be_max_steps_or_epochs(tmp_path):
+    problems = _problems(_write(tmp_path, _minimal(tmp_path, train={"epochs": 2})))
+    assert problems == ["train: set exactly one of train.max_steps and train.epochs (got max_steps=10, epochs=2.0)"]
+
+
+def test_missing_sections_and_files(tmp_path):
+    problems = _problems(_write(tmp_path, {"model": {"name": "x"}}))
+    assert any(p.startswith("run: Field required") for p in problems)
+    assert any(p.startswith("data: Field required") for p in problems)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    problems = _problems(_write(tmp_path, _minimal(tmp_path, run={"deepspeed": "zero9"})))
+    assert problems[0].startswith("run.deepspeed: no DeepSpeed config 'zero9'")
+
+
+def test_cli_exits_nonzero_and_leaves_outputs_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"accuracy": 0.7}')
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    path = _write(tmp_path, _minimal(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hiddenkey_ds.config", str(path), "train.lr=-1"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "2 problems" in proc.stderr and "train.lr: Input should be greater than 0" in proc.stderr
+    assert "holds a finished run" in proc.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+# -- DeepSpeed config resolution ---------------------------------------------------------------------
+
+def _tiny(overrides=()):
+    return load_recipe(TINY, list(overrides), check_output_dir=False)
+
+
+def test_ds_config_filled_from_recipe_without_auto():
+    recipe = _tiny(["train.micro_batch_size=4", "train.grad_accum=3", "train.max_grad_norm=0.5", "model.dtype=bf16",
+                    "train.lr=3e-4", "train.warmup=0.1", "train.max_steps=50", "train.weight_decay=0.01"])
+    ds = resolve_ds_config(recipe, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["optimizer"] == {"type": "AdamW", "params": {
+        "lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "torch_adam": True}}
+    assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 50, "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 5,
+        "warmup_type": "linear"}}
+    assert ds["zero_optimization"]["stage"] == 2
+    assert "auto" not in json.dumps(ds)
+
+
+def test_ds_schedules_without_warmup_start_flat():
+    cosine = resolve_ds_config(_tiny(["train.scheduler=cosine", "train.warmup=0"]), 1)["scheduler"]
+    assert cosine["type"] == "WarmupCosineLR" and cosine["params"]["warmup_min_ratio"] == 1.0
+    constant = resolve_ds_config(_tiny(["train.scheduler=constant", "train.warmup=0"]), 1)["scheduler"]
+    assert constant["type"] == "WarmupLR"
+    assert constant["params"]["warmup_min_lr"] == constant["params"]["warmup_max_lr"] == 1e-3
+
+
+def test_ds_epochs_recipe_needs_total_steps():
+    recipe = _tiny(["train.max_steps=null", "train.epochs=2"])
+    with pytest.raises(ValueError, match="pass total_steps"):
+        resolve_ds_config(recipe, 1)
+    total = recipe.train.total_steps(num_train_examples=100, world_size=2)
+    assert total == (100 // 16) * 2
+    assert resolve_ds_config(recipe, 2, total_steps=total)["scheduler"]["params"]["total_num_steps"] == total
+
+
+def test_ds_json_conflicting_with_recipe_is_an_error(tmp_path):
+    conflicting = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    conflicting["gradient_clipping"] = 0.3
+    conflicting["train_micro_batch_size_per_gpu"] = 8  # equal to the recipe's: fine
+    conflicting["optimizer"] = {"type": "Lion", "params": {"lr": "auto"}}
+    conflicting["zero_optimization"]["mystery"] = "auto"
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(conflicting))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(TINY, [f"run.deepspeed={path}"], check_output_dir=False)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert f"run.deepspeed: {path} sets gradient_clipping=0.3 but the recipe gives 1.0" in problems[0]
+    assert 'sets optimizer.type="Lion" but the recipe gives "AdamW"' in problems[1]
+    assert "leaves zero_optimization.mystery=\"auto\"" in problems[2]
+
+
+def test_start_lr_schedule_makes_first_step_iteration_zero():
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    params = resolve_ds_config(_tiny(["train.max_steps=6", "train.warmup=2", "train.lr=0.01"]), 1)["scheduler"]["params"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = WarmupDecayLR(opt, **params)
+    start_lr_schedule(sched)
+    start_lr_schedule(sched)  # idempotent
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025])
+
+
+# -- documentation is generated from the schema ------------------------------------------------------
+
+def test_every_key_is_documented_and_in_the_readme():
+    rows = reference_rows()
+    undocumented = [key for key, _, _, meaning in rows if not meaning]
+    assert undocumented == []
+    readme = (REPO / "README.md").read_text()
+    start, end = readme.index("<!-- section:training -->"), readme.index("<!-- /section:training -->")
+    assert reference_markdown() in readme[start:end], (
+        "README key reference is stale: regenerate it with `python -m hiddenkey_ds.config --reference`"
+    )
