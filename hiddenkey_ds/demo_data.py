@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULTS = {"seed": 0, "n_train": 64, "n_dev": 128, "noise": 0.2}
+DEFAULTS = {"seed": 0, "n_train": 48, "n_dev": 128, "noise": 0.25}
 
 NOUNS = ["food", "service", "staff", "room", "view", "music", "coffee", "pasta", "bread", "soup", "dessert",
          "waiter", "price", "table", "garden", "wine", "menu", "salad", "pizza", "terrace"]

@@ -6,14 +6,16 @@ key is absent or ``"auto"``. Raw DeepSpeed does not understand ``"auto"`` (that 
 convention), so nothing ``"auto"`` may survive resolution, and a JSON value that contradicts the recipe is an
 error rather than a silent winner.
 
-Optimizer and schedule are DeepSpeed's own blocks, so the resolved ``ds_config.json`` in a run directory
-describes the whole optimisation and DeepSpeed checkpoints carry the scheduler state:
+The optimizer is DeepSpeed's own block: ``AdamW`` with ``torch_adam`` (torch.optim.AdamW) where DeepSpeed's
+fused/CPU Adam kernels are not available (no CUDA device), DeepSpeed's kernels otherwise (``train.torch_adam``
+overrides).
 
-* ``AdamW`` with ``torch_adam`` (torch.optim.AdamW) where DeepSpeed's fused/CPU Adam kernels are not
-  available (no CUDA device), DeepSpeed's kernels otherwise (``train.torch_adam`` overrides).
-* ``train.scheduler`` linear -> ``WarmupDecayLR``, cosine -> ``WarmupCosineLR``, constant -> ``WarmupLR``, all
-  with a linear warmup. DeepSpeed's warmup schedulers need ``warmup_num_steps >= 1`` (they use at least 2
-  internally); a recipe without warmup gets a flat start (``min == max``) instead.
+The LR schedule is ``lr_scheduler_factory``, handed to ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed
+steps it at every optimizer step and saves it in checkpoints like its own. DeepSpeed's Warmup* schedulers
+cannot express the recipe's schedules exactly: they force at least 2 warmup steps, start at iteration -1
+(the first step runs at lr 0 and the schedule lags a step), and WarmupDecayLR decays only the span
+max - min, so "no warmup, then linear decay" comes out as a constant lr. A ``"scheduler"`` block in the JSON
+is therefore refused.
 """
 from __future__ import annotations
 
@@ -70,17 +72,6 @@ def recipe_owned_settings(recipe: Any, world_size: int, total_steps: int) -> dic
     """The DeepSpeed settings the recipe decides, as DeepSpeed spells them."""
     train = recipe.train
     lr = train.lr
-    warmup = train.warmup_steps(total_steps)
-    # DeepSpeed warmup schedulers reject 0 warmup steps: a flat "warmup" (min == max) is the same as none
-    warm = {"warmup_num_steps": max(1, warmup), "warmup_type": "linear"}
-    if train.scheduler == "linear":
-        scheduler = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": total_steps, "warmup_min_lr": 0.0 if warmup else lr, "warmup_max_lr": lr, **warm}}
-    elif train.scheduler == "cosine":
-        scheduler = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": total_steps, "warmup_min_ratio": 0.0 if warmup else 1.0, "cos_min_ratio": 0.0, **warm}}
-    else:
-        scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0 if warmup else lr, "warmup_max_lr": lr, **warm}}
     torch_adam = train.torch_adam if train.torch_adam is not None else _default_torch_adam()
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -92,7 +83,6 @@ def recipe_owned_settings(recipe: Any, world_size: int, total_steps: int) -> dic
         "optimizer": {"type": "AdamW", "params": {
             "lr": lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay,
             "torch_adam": torch_adam}},
-        "scheduler": scheduler,
     }
 
 
@@ -134,6 +124,11 @@ def resolve_ds_config(recipe: Any, world_size: int, total_steps: int | None = No
     source = str(find_ds_config(recipe.run.deepspeed))
     ds = load_ds_json(recipe.run.deepspeed)
     problems: list[str] = []
+    if "scheduler" in ds:
+        problems.append(
+            f"run.deepspeed: {source} has a \"scheduler\" block, but the LR schedule comes from the recipe "
+            "(hint: remove it and set train.scheduler / train.warmup)"
+        )
     _merge(recipe_owned_settings(recipe, world_size, total_steps), ds, "", problems, source)
     for key, value in _QUIET.items():
         ds.setdefault(key, value)
@@ -147,13 +142,29 @@ def resolve_ds_config(recipe: Any, world_size: int, total_steps: int | None = No
     return ds
 
 
-def start_lr_schedule(lr_scheduler: Any) -> None:
-    """Call once after ``deepspeed.initialize`` (and after ``load_checkpoint``; it is idempotent).
+def lr_multiplier(train: Any, total_steps: int):
+    """step -> lr / train.lr for the optimizer step `step` (0 = first): linear warmup from 0 over
+    `warmup` steps (none: full lr at once), then linear decay to 0, cosine decay to 0, or constant."""
+    import math
 
-    DeepSpeed's Warmup* schedulers start at iteration -1, where WarmupLR/WarmupDecayLR return
-    ``warmup_min_lr`` and WarmupCosineLR returns 0, so without this the first optimizer step runs at lr 0
-    and the whole schedule lags one step (e.g. warmup 2: 0, 0, lr/2, lr). Stepping a fresh scheduler once
-    makes the first step use iteration 0, like transformers' schedules; a restored scheduler is left alone.
-    """
-    if lr_scheduler is not None and getattr(lr_scheduler, "last_batch_iteration", 0) < 0:
-        lr_scheduler.step()
+    warmup = train.warmup_steps(total_steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if train.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if train.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return multiplier
+
+
+def lr_scheduler_factory(recipe: Any, total_steps: int):
+    """For ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed calls it with the optimizer it built."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    multiplier = lr_multiplier(recipe.train, total_steps)
+    return lambda optimizer: LambdaLR(optimizer, multiplier)

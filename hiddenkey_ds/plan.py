@@ -87,6 +87,7 @@ class PlanConfig:
     contiguous_gradients: bool = True
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
     param_persistence_threshold: int = 100_000
     ds_config_name: str | None = None
 
@@ -244,10 +245,11 @@ def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
 
 
 def backward_working_bytes_per_token(cfg: PlanConfig) -> float:
-    """Gradients alive at once while one layer back-propagates: the MLP's (grad of silu*up, of silu, of up,
-    of gate) and the residual/norm gradients in fp32."""
+    """Gradients alive at once while one layer back-propagates (its saved tensors are freed as it goes): two
+    MLP-wide gradients (of silu(gate) and of up, made from the gradient of their product) and two fp32
+    residual/RMSNorm gradients."""
     s, d = cfg.shape, cfg.dtype_bytes
-    return 4 * s.intermediate * d + 4 * s.hidden * 4
+    return 2 * s.intermediate * d + 2 * s.hidden * 4
 
 
 def loss_head_bytes(cfg: PlanConfig, supervised_per_pass: int) -> float:
@@ -265,13 +267,18 @@ def loss_head_bytes(cfg: PlanConfig, supervised_per_pass: int) -> float:
     return c * v * per_token
 
 
-def _stage3_working_set(cfg: PlanConfig, layer_param_bytes: float, big_single_bytes: float) -> float:
-    """Parameters gathered at once under ZeRO-3: the current layer plus the prefetch bucket, or the largest
-    single tensor (embedding / LM head), capped by stage3_max_live_parameters."""
-    wb = _linear_weight_bytes(cfg)
-    live = layer_param_bytes + min(cfg.prefetch_bucket_size * wb, layer_param_bytes)
-    live = max(layer_param_bytes, min(live, cfg.max_live_parameters * wb))
-    return max(live, big_single_bytes)
+def _stage3_working_set(cfg: PlanConfig, partitioned_bytes: float, layer_bytes: float) -> float:
+    """Parameters gathered at once under ZeRO-3, from the second step on (the first records the trace).
+
+    DeepSpeed keeps a gathered parameter instead of releasing it when the trace shows it used again within
+    stage3_max_reuse_distance elements. A layer's weights come back in backward after the forward of the
+    layers above it and the backward of the same layers, so the layers closer than about half the reuse
+    distance to the forward/backward turn stay gathered: min(all, reuse/2 + one layer). On top, the prefetch
+    bucket in flight (its all-gather staging)."""
+    d = cfg.dtype_bytes  # element size of the stored (also 4-bit: quant storage = dtype) parameters
+    retained = min(partitioned_bytes, cfg.max_reuse_distance / 2 * d + layer_bytes)
+    staging = min(cfg.prefetch_bucket_size * d, partitioned_bytes)
+    return retained + staging
 
 
 def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
@@ -336,8 +343,9 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     full_saved = s.layers * per_layer + shared_mask + tail
     ckpt_saved = s.layers * s.hidden * d * tokens + shared_mask + tail  # one layer input per layer
     saved = ckpt_saved if cfg.gradient_checkpointing else full_saved
-    # while the last layer builds its DropKey mask: the bool (B, H, S, S) intermediates
-    mask_build = 2 * seqs * s.heads * cfg.seq_len ** 2 if cfg.key_dropout else 0.0
+    # while a layer builds its DropKey mask: the causal/padding visibility (bool) and its fp32 copy for the
+    # all-dropped-row count, (B|1, S, S) each
+    mask_build = (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 5 if cfg.key_dropout else 0.0
     recompute = per_layer if cfg.gradient_checkpointing else 0.0
     head = loss_head_bytes(cfg, sup_per_pass)
     bwd = backward_working_bytes_per_token(cfg) * tokens
@@ -346,8 +354,9 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
 
     # -- framework -----------------------------------------------------------------------------------
     if stage == 3:
-        layer_param_bytes = s.linear_params_per_layer * wb
-        gathered = _stage3_working_set(cfg, layer_param_bytes, max(s.embedding_params, s.head_params) * d)
+        gathered = _stage3_working_set(cfg, 0.0 if cfg.offload_param else partitioned * n,
+                                       s.linear_params_per_layer * wb) if not cfg.offload_param else \
+            _stage3_working_set(cfg, partitioned, s.linear_params_per_layer * wb)
     else:
         gathered = 0.0
     buffers = 0.0
@@ -382,7 +391,9 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
             f"{_gib(bwd + recompute)}" + (f", DropKey mask build {_gib(mask_build)}" if mask_build else "") + ")"),
     ]
     if stage == 3:
-        rows.append(Row("ZeRO-3 gathered parameters", gathered, "current layer + prefetch bucket"))
+        rows.append(Row("ZeRO-3 gathered parameters", gathered,
+                        f"kept gathered within stage3_max_reuse_distance={cfg.max_reuse_distance:.0e} + prefetch "
+                        f"bucket {cfg.prefetch_bucket_size:.0e}"))
     rows.append(Row("framework overhead", buffers + context + frag,
                     f"DeepSpeed buckets {_gib(buffers)}" +
                     (f", CUDA context+NCCL {_gib(context)}, fragmentation {FRAGMENTATION:.0%} of dynamic "
@@ -547,6 +558,7 @@ def config_from_recipe(recipe, ds: dict, nodes: int, gpus_per_node: int, gpu_mem
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+        max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
         param_persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         ds_config_name=recipe.run.deepspeed,
     )

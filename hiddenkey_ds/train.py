@@ -112,7 +112,7 @@ def train(recipe_path: str, overrides: list[str]) -> int:
 
     from hiddenkey_ds.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
     from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
-    from hiddenkey_ds.ds_config import resolve_ds_config
+    from hiddenkey_ds.ds_config import lr_scheduler_factory, resolve_ds_config
     from hiddenkey_ds.models import load_model, load_tokenizer
     from hiddenkey_ds.objective import HiddenKeyObjective
 
@@ -140,8 +140,9 @@ def train(recipe_path: str, overrides: list[str]) -> int:
 
     model, _ = load_model(recipe, ds_config)
     objective = HiddenKeyObjective(model, recipe.dropout, chunk_tokens=t.loss_chunk_tokens)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lr_scheduler_factory(recipe, total_steps))
 
     torch.manual_seed(recipe.run.seed + rank)  # masks: independent across ranks, repeatable across runs
     log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
@@ -169,6 +170,7 @@ def train(recipe_path: str, overrides: list[str]) -> int:
                 continue
             group.append(batch)
         normalizer = global_token_normalizer(group, world)
+        lr = engine.get_lr()[0]  # the lr this optimizer step uses (the scheduler advances after it)
         for batch in group:
             out = engine(**to_device(batch, engine.device), normalizer=normalizer)
             engine.backward(out.loss)
@@ -177,7 +179,7 @@ def train(recipe_path: str, overrides: list[str]) -> int:
         step, consumed = step + 1, consumed + len(group)
 
         if step % t.log_every == 0 or step == total_steps:
-            log.train_line(step, window.reduce(), scheduler.get_last_lr()[0])
+            log.train_line(step, window.reduce(), lr)
             window = log.new_window()
         if eval_ds is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
             log.eval_line(step, evaluate(engine, eval_ds, collate, t.micro_batch_size))

@@ -12,7 +12,7 @@ import yaml
 
 from hiddenkey_ds.config import RecipeError, load_recipe, reference_markdown
 from hiddenkey_ds.config.reference import reference_rows
-from hiddenkey_ds.ds_config import resolve_ds_config, start_lr_schedule
+from hiddenkey_ds.ds_config import lr_scheduler_factory, resolve_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny-hiddenkey.yaml"
@@ -71,8 +71,10 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
 
 
 def test_unknown_override_key_gets_did_you_mean():
-    problems = _problems(TINY, ["train.learning_rat=1", "lr=1", "model.nme=x", "train.max_steps.x=1"],
-                         check_output_dir=False)
+    problems = _problems(TINY, ["train.learning_rat=1", "lr=1", "model.nme=x", "train.max_steps.x=1", "trian.lr=1",
+                                "dropout.key.rte=0.2"], check_output_dir=False)
+    assert "override trian.lr: unknown key (hint: did you mean train.lr?)" in problems
+    assert "override dropout.key.rte: unknown key (hint: did you mean dropout.key.rate?)" in problems
     assert "override train.learning_rat: unknown key (hint: did you mean train.lr?)" in problems
     assert "override lr: unknown key (hint: did you mean train.lr?)" in problems
     assert "override model.nme: unknown key (hint: did you mean model.name?)" in problems
@@ -210,19 +212,42 @@ def test_ds_config_filled_from_recipe_without_auto():
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["optimizer"] == {"type": "AdamW", "params": {
         "lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "torch_adam": True}}
-    assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": 50, "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 5,
-        "warmup_type": "linear"}}
+    assert "scheduler" not in ds  # the recipe's schedule is a LambdaLR handed to deepspeed.initialize
     assert ds["zero_optimization"]["stage"] == 2
     assert "auto" not in json.dumps(ds)
 
 
-def test_ds_schedules_without_warmup_start_flat():
-    cosine = resolve_ds_config(_tiny(["train.scheduler=cosine", "train.warmup=0"]), 1)["scheduler"]
-    assert cosine["type"] == "WarmupCosineLR" and cosine["params"]["warmup_min_ratio"] == 1.0
-    constant = resolve_ds_config(_tiny(["train.scheduler=constant", "train.warmup=0"]), 1)["scheduler"]
-    assert constant["type"] == "WarmupLR"
-    assert constant["params"]["warmup_min_lr"] == constant["params"]["warmup_max_lr"] == 1e-3
+def _lrs(overrides, steps):
+    import torch
+
+    recipe = _tiny(overrides)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr)
+    sched = lr_scheduler_factory(recipe, recipe.train.max_steps)(opt)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    return lrs
+
+
+def test_lr_schedules_are_exact():
+    assert _lrs(["train.max_steps=6", "train.warmup=2", "train.lr=0.01"], 6) == pytest.approx(
+        [0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025])
+    # no warmup: full lr at the first step, then the decay (DeepSpeed's WarmupDecayLR stays flat here)
+    assert _lrs(["train.max_steps=4", "train.warmup=0", "train.lr=0.01"], 4) == pytest.approx(
+        [0.01, 0.0075, 0.005, 0.0025])
+    assert _lrs(["train.max_steps=4", "train.warmup=0", "train.lr=0.01", "train.scheduler=cosine"], 3) == pytest.approx(
+        [0.01, 0.01 * (0.5 + 0.5 * 0.7071067811865476), 0.005])
+    assert _lrs(["train.max_steps=4", "train.warmup=0", "train.lr=0.01", "train.scheduler=constant"], 4) == [0.01] * 4
+
+
+def test_ds_json_scheduler_block_is_refused(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["scheduler"] = {"type": "WarmupLR", "params": {}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(RecipeError, match="scheduler"):
+        load_recipe(TINY, [f"run.deepspeed={path}"], check_output_dir=False)
 
 
 def test_ds_epochs_recipe_needs_total_steps():
@@ -231,7 +256,7 @@ def test_ds_epochs_recipe_needs_total_steps():
         resolve_ds_config(recipe, 1)
     total = recipe.train.total_steps(num_train_examples=100, world_size=2)
     assert total == (100 // 16) * 2
-    assert resolve_ds_config(recipe, 2, total_steps=total)["scheduler"]["params"]["total_num_steps"] == total
+    assert resolve_ds_config(recipe, 2, total_steps=total)["train_batch_size"] == 16
 
 
 def test_ds_json_conflicting_with_recipe_is_an_error(tmp_path):
@@ -250,24 +275,6 @@ def test_ds_json_conflicting_with_recipe_is_an_error(tmp_path):
     assert 'sets optimizer.type="Lion" but the recipe gives "AdamW"' in problems[1]
     assert "leaves zero_optimization.mystery=\"auto\"" in problems[2]
 
-
-def test_start_lr_schedule_makes_first_step_iteration_zero():
-    import torch
-    from deepspeed.runtime.lr_schedules import WarmupDecayLR
-
-    params = resolve_ds_config(_tiny(["train.max_steps=6", "train.warmup=2", "train.lr=0.01"]), 1)["scheduler"]["params"]
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    sched = WarmupDecayLR(opt, **params)
-    start_lr_schedule(sched)
-    start_lr_schedule(sched)  # idempotent
-    lrs = []
-    for _ in range(6):
-        lrs.append(opt.param_groups[0]["lr"])
-        sched.step()
-    assert lrs == pytest.approx([0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025])
-
-
-# -- documentation is generated from the schema ------------------------------------------------------
 
 def test_every_key_is_documented_and_in_the_readme():
     rows = reference_rows()

@@ -121,7 +121,11 @@ def check_key(parts: list[str]) -> str | None:
     for i, part in enumerate(parts):
         fields = SECTIONS if model is None else model.model_fields
         if part not in fields:
-            return f"{'.'.join(parts)}: unknown key (hint: {suggest(parts[: i + 1])})"
+            hint = suggest(parts[: i + 1])
+            rest = parts[i + 1:]
+            if rest and hint.startswith("did you mean ") and " or " not in hint:
+                hint = f"{hint[:-1]}.{'.'.join(rest)}?"  # `trian.lr` -> `train.lr`, not just `train`
+            return f"{'.'.join(parts)}: unknown key (hint: {hint})"
         if model is None:
             model = SECTIONS[part]
             continue

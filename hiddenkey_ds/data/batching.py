@@ -55,13 +55,14 @@ class ShardSampler(DistributedSampler):
         return len(range(self.rank, min(n, self.total_size), self.num_replicas))
 
 
-def make_sampler(dataset: Any, world_size: int, rank: int, seed: int, shuffle: bool, drop_last: bool | None = None) -> ShardSampler:
-    """Seeded sampler of this rank's shard. ``drop_last`` defaults to ``shuffle`` (training drops, eval pads).
+def make_sampler(dataset: Any, world_size: int, rank: int, seed: int, shuffle: bool, drop_last: bool = True) -> ShardSampler:
+    """Seeded sampler of this rank's shard.
 
+    Training keeps the default ``drop_last=True`` (disjoint shards, no repeated example, whether shuffled or
+    not); evaluation passes ``shuffle=False, drop_last=False`` and scores the first ``sampler.num_real``.
     The loop must call ``sampler.set_epoch(epoch)`` before each epoch: the shuffle order is a function of
     (seed, epoch) only, identical on every rank and every resume.
     """
-    drop_last = shuffle if drop_last is None else drop_last
     if drop_last and len(dataset) < world_size:
         raise ValueError(f"{len(dataset)} examples cannot be split across {world_size} ranks")
     return ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
