@@ -88,11 +88,21 @@ def resolve_target(path_or_name: str, base: str | None = None, base_only: bool =
 
 
 def tasks_for_recipe(recipe: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """(lm-eval task names, task metadata) that score the data a recipe trained on."""
-    ev = recipe.get("eval") or {}
-    if ev.get("tasks"):
-        return list(ev["tasks"]), {}
-    data = recipe.get("data") or {}
+    """(lm-eval task names, task metadata) for a run: its eval.tasks, else the task scoring its training data.
+
+    The metadata points the local-file tasks at the run's data directory (e.g. {"rte_dir": ...}).
+    """
+    requested = list((recipe.get("eval") or {}).get("tasks") or [])
+    try:
+        derived, metadata = _task_of_data(recipe.get("data") or {})
+    except EvalError:
+        if not requested:
+            raise
+        return requested, {}  # the named tasks may not need the training data's location
+    return (requested or derived), metadata
+
+
+def _task_of_data(data: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     task, path = data.get("task"), data.get("path")
     if data.get("format", "classification") != "classification" or not task:
         raise EvalError(

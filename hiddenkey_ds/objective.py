@@ -18,7 +18,7 @@ Two design points matter for speed and for DeepSpeed:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from hiddenkey_ds.dropout import DropoutConfig, apply_dropout, unwrap_model
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """A NamedTuple so that ZeRO-3's module hooks see the tensors in it (it walks tuples, not dataclasses)."""
+
     loss: torch.Tensor            # scalar with grad
     ce: torch.Tensor              # detached, same normalisation as loss
     consistency: torch.Tensor     # detached (0 for a single pass)

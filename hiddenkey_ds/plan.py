@@ -24,7 +24,7 @@ import itertools
 import sys
 from dataclasses import dataclass, field, replace
 
-from hiddenkey_ds.model_shapes import ATTENTION_PROJ, LINEAR_MODULES, ModelShape, resolve_shape
+from hiddenkey_ds.model_shapes import LINEAR_MODULES, ModelShape, resolve_shape
 
 GIB = 1024**3
 
@@ -354,9 +354,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
 
     # -- framework -----------------------------------------------------------------------------------
     if stage == 3:
-        gathered = _stage3_working_set(cfg, 0.0 if cfg.offload_param else partitioned * n,
-                                       s.linear_params_per_layer * wb) if not cfg.offload_param else \
-            _stage3_working_set(cfg, partitioned, s.linear_params_per_layer * wb)
+        # `partitioned`: the whole (unpartitioned) size of the tensors ZeRO-3 partitions
+        gathered = _stage3_working_set(cfg, partitioned, s.linear_params_per_layer * wb)
     else:
         gathered = 0.0
     buffers = 0.0
@@ -420,7 +419,9 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
 # -- the suggester ----------------------------------------------------------------------------------------------
 
 def _candidates(cfg: PlanConfig):
-    stages = [(st, False) for st in range(cfg.zero_stage, 4)] + [(3, True)]
+    # every built-in ds_config, lower stages included: for LoRA, ZeRO-1/2's reduce buckets can cost more than
+    # the trainable state they partition
+    stages = [(st, False) for st in range(4)] + [(3, True)]
     if cfg.offload_param:
         stages = [(3, True)]
     batches = [m for m in range(cfg.micro_batch, 0, -1) if cfg.micro_batch % m == 0]
@@ -433,9 +434,11 @@ def _candidates(cfg: PlanConfig):
 
 
 def _cost(base: PlanConfig, c: PlanConfig) -> float:
-    cost = COST_STAGE[c.zero_stage] - COST_STAGE[base.zero_stage]
-    if c.zero_stage == 3 and c.nodes > 1:
-        cost += COST_STAGE[3]  # the all-gathers cross the slower inter-node network
+    cost = 0.0
+    if c.zero_stage != base.zero_stage:
+        cost += 0.005 + max(0.0, COST_STAGE[c.zero_stage] - COST_STAGE[base.zero_stage])
+        if c.zero_stage == 3 and c.nodes > 1:
+            cost += COST_STAGE[3]  # the all-gathers cross the slower inter-node network
     cost += COST_OFFLOAD * (c.offload_param and not base.offload_param)
     halvings = 0
     mb = base.micro_batch
@@ -509,7 +512,7 @@ def shape_for(name: str) -> ModelShape:
         directory, version, _ = bm.BUILTINS[name]
         built = bm.cache_root() / "models" / f"{directory}-v{version}"
         if bm._is_complete(built, version) and (built / "config.json").is_file():
-            return resolve_shape(str(built))
+            return replace(resolve_shape(str(built)), name=name)
         if name == "builtin:tiny-llama":
             return shape_from_config({**bm.TINY_CONFIG, "vocab_size": bm.TINY_VOCAB}, name)
     return resolve_shape(name)
@@ -566,6 +569,10 @@ def config_from_recipe(recipe, ds: dict, nodes: int, gpus_per_node: int, gpu_mem
 
 # -- output -----------------------------------------------------------------------------------------------------
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB"
 
@@ -573,7 +580,7 @@ def _gib(x: float) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     cfg, s = plan.config, plan.config.shape
     lines = [
-        f"model {s.name}: {s.total_params / 1e9:.2f}B params, {s.layers} layers, hidden {s.hidden}, "
+        f"model {s.name}: {_count(s.total_params)} params, {s.layers} layers, hidden {s.hidden}, "
         f"intermediate {s.intermediate}, heads {s.heads}/{s.kv_heads} kv, vocab {s.vocab}",
         f"{cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s) = {cfg.world_size} ranks, {cfg.gpu_mem_gib:g} GiB each | "
         f"ZeRO-{cfg.zero_stage}" + (f" ({cfg.ds_config_name})" if cfg.ds_config_name else "") +

@@ -77,7 +77,8 @@ class RunLogger:
         _atomic_write(self.run_dir / "config.yaml", recipe.to_yaml())
         _atomic_write(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
         self.metrics_path.write_text("")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # under ZeRO-3 a parameter's own numel is its (empty) local partition
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.info(f"run dir: {self.run_dir}")
         self.info(f"model: {recipe.model.name} | dropout: {recipe.dropout.describe()} | trainable params: {trainable:,}")
         self.info(data_report.summary())

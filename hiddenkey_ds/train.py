@@ -8,11 +8,10 @@ Every rank runs this file top to bottom; rank 0 alone prints and writes run-leve
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +19,10 @@ import torch.distributed as dist
 
 from hiddenkey_ds.config import RecipeError, load_recipe
 from hiddenkey_ds.run_log import RunLogger
+
+# Deprecations inside DeepSpeed / PEFT that a user cannot act on; one per rank per step otherwise.
+for _pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
+    warnings.filterwarnings("ignore", message=_pattern, category=FutureWarning)
 
 USAGE = "usage: python -m hiddenkey_ds.train RECIPE.yaml [key=value ...]   (e.g. train.max_steps=10 run.output_dir=runs/x)"
 
@@ -47,6 +50,15 @@ def refuse_unfinished_run_without_resume(recipe) -> None:
             f"run.output_dir: {recipe.run.output_dir} holds checkpoints of an unfinished run (hint: pass "
             "run.resume=true to continue it, or choose another run.output_dir; nothing was touched)"
         ])
+
+
+def enable_tensorboard(ds_config: dict, run_dir: Path) -> None:
+    """Metrics also go to TensorBoard (through DeepSpeed's monitor) when it is installed, unless the DeepSpeed
+    JSON configures the monitor itself."""
+    import importlib.util
+
+    if "tensorboard" not in ds_config and importlib.util.find_spec("tensorboard") is not None:
+        ds_config["tensorboard"] = {"enabled": True, "output_path": str(run_dir / "tensorboard"), "job_name": "."}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -137,6 +149,7 @@ def train(recipe_path: str, overrides: list[str]) -> int:
                            f"{t.global_batch(world)} examples (hint: lower train.micro_batch_size or train.grad_accum)"])
     total_steps = t.total_steps(len(train_ds), world)
     ds_config = resolve_ds_config(recipe, world, total_steps)
+    enable_tensorboard(ds_config, run_dir)
 
     model, _ = load_model(recipe, ds_config)
     objective = HiddenKeyObjective(model, recipe.dropout, chunk_tokens=t.loss_chunk_tokens)

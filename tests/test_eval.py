@@ -95,6 +95,9 @@ def test_tasks_for_recipe(tmp_path):
     assert evaluate.tasks_for_recipe({"data": {"task": "rte"}}) == (["hk_rte"], {})
     assert evaluate.tasks_for_recipe({"data": {"task": "sst2", "path": "builtin:toy-sst2"}}) == (["hk_toy_sst2"], {})
     assert evaluate.tasks_for_recipe({"eval": {"tasks": ["hk_cola"]}, "data": {"task": "rte"}}) == (["hk_cola"], {})
+    # named tasks still get the run's local data directory
+    assert evaluate.tasks_for_recipe({"eval": {"tasks": ["hk_rte_local"]}, "data": {"task": "rte", "path": str(local)}}) \
+        == (["hk_rte_local"], {"rte_dir": str(local.resolve())})
     with pytest.raises(evaluate.EvalError, match="sft"):
         evaluate.tasks_for_recipe({"data": {"format": "sft", "path": str(local)}})
     with pytest.raises(evaluate.EvalError, match="neither a local directory"):

@@ -35,11 +35,14 @@ def test_two_ranks_zero2_and_zero3_equal_one_rank(tmp_path):
 
 
 def test_hiddenkey_under_zero3_equals_zero2(tmp_path):
-    """Same ranks, same seeds -> same masks: ZeRO-3 must not change the dual-pass computation."""
+    """Same ranks, same seeds -> same masks: ZeRO-3 (with gradient checkpointing) must not change the
+    dual-pass computation."""
     runs = {}
-    for stage in ("zero2", "zero3"):
+    for stage, checkpointing in (("zero2", "false"), ("zero3", "true")):
+        # gradient checkpointing on one side: its recomputation must replay the same masks
         out = tmp_path / stage
-        train("tiny-hiddenkey.yaml", out, *SHORT, "train.micro_batch_size=4", f"run.deepspeed={stage}", nproc=2)
+        train("tiny-hiddenkey.yaml", out, *SHORT, "train.micro_batch_size=4", f"run.deepspeed={stage}",
+              f"model.gradient_checkpointing={checkpointing}", nproc=2)
         runs[stage] = metrics(out)
     _assert_same({r["step"]: r["loss"] for r in runs["zero2"]}, {r["step"]: r["loss"] for r in runs["zero3"]})
     assert all(r["consistency"] > 0 for r in runs["zero3"])
@@ -159,6 +162,8 @@ def test_adapter_reloads_with_peft_and_reproduces_validation(tmp_path):
     assert correct / seqs == final["accuracy"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6
+    if __import__("importlib").util.find_spec("tensorboard") is not None:  # DeepSpeed's monitor got the metrics
+        assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 def test_finished_run_is_never_overwritten(tmp_path):
