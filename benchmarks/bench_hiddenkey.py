@@ -11,11 +11,7 @@ and `sft` (every token after the first half supervised).
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -100,43 +96,52 @@ def time_steps(steps, rounds, warmup):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-# ---- loss-head peak memory: each variant in a fresh process, ru_maxrss growth over its baseline -------
-def _head_memory_child(variant, batch, seq, hidden, vocab, supervised):
-    from hiddenkey_ds.objective import _head_chunk  # noqa: F401  (import cost before the baseline)
+# ---- loss-head peak memory: bytes the CPU allocator holds at its peak during forward + backward -------
+def allocated_peak_bytes(fn) -> int:
+    """Peak of (allocations - frees) while `fn` runs, from the profiler's memory events: exact and
+    independent of allocator caching, unlike resident memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def head_memory(variant, batch, seq, hidden, vocab, supervised, chunk_tokens=1024):
+    """Peak MiB of the loss head alone (dual pass: 2 x batch rows of hidden states as input)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hiddenkey_ds.objective import _head_chunk
 
     torch.manual_seed(0)
     lm_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
     h = torch.randn(2 * batch, seq, hidden, requires_grad=True)
     labels = torch.full((batch, seq), -100)
     labels[:, -supervised:] = torch.randint(0, vocab, (batch, supervised))
-    # touch everything once so allocator start-up is inside the baseline
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if variant == "chunked":
-        from torch.utils.checkpoint import checkpoint
+    y, sup = labels[:, 1:], labels[:, 1:] != -100
 
-        from hiddenkey_ds.objective import _head_chunk
-        y = labels[:, 1:]
-        sup = y != -100
-        h1, h2 = h[:batch, :-1][sup], h[batch:, :-1][sup]
-        ce, cons, _ = checkpoint(_head_chunk, lm_head, h1, h2, y[sup], "kl", use_reentrant=False)
-        loss = ce + cons
-    else:
+    def chunked():
+        h1, h2, t = h[:batch, :-1][sup], h[batch:, :-1][sup], y[sup]
+        total = 0.0
+        for start in range(0, t.numel(), chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            ce, cons, _ = checkpoint(_head_chunk, lm_head, h1[part], h2[part], t[part], "kl", use_reentrant=True)
+            total = total + ce + cons
+        (total / t.numel()).backward()
+
+    def naive():
         logits = lm_head(h).float()[:, :-1]
-        y, sup = labels[:, 1:], labels[:, 1:] != -100
         logp = F.log_softmax(logits, -1)
         ce = -(logp[:batch].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
                + logp[batch:].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()) / 2
         p1, p2 = logp[:batch].exp(), logp[batch:].exp()
-        loss = ce + (0.5 * ((p1 - p2) * (logp[:batch] - logp[batch:])).sum(-1))[sup].mean()
-    loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+        (ce + (0.5 * ((p1 - p2) * (logp[:batch] - logp[batch:])).sum(-1))[sup].mean()).backward()
 
-
-def head_memory(variant, batch, seq, hidden, vocab, supervised):
-    out = subprocess.run([sys.executable, __file__, "--head-memory-child", variant, str(batch), str(seq), str(hidden),
-                          str(vocab), str(supervised)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return allocated_peak_bytes(chunked if variant == "chunked" else naive) / 2**20
 
 
 def main():
@@ -151,11 +156,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--regimes", default="cls,sft")
     parser.add_argument("--quick", action="store_true", help="small shape, few rounds")
-    parser.add_argument("--head-memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.head_memory_child:
-        v, *nums = args.head_memory_child
-        return _head_memory_child(v, *map(int, nums))
     if args.quick:
         args.hidden, args.layers, args.vocab, args.seq, args.rounds = 128, 2, 4000, 64, 3
     torch.set_num_threads(args.threads)
@@ -170,15 +171,15 @@ def main():
         for name, t in medians.items():
             print(f"| {name} | {t:.3f} | {t / ref:.2f}x |")
 
-    seq, vocab, sup = (2048, 32000, 4) if not args.quick else (512, 8000, 4)
-    chunked = head_memory("chunked", args.batch, seq, args.hidden, vocab, sup)
-    naive = head_memory("naive", args.batch, seq, args.hidden, vocab, sup)
-    print(f"\n## loss-head peak memory, dual pass (2 x {args.batch} sequences), seq {seq}, vocab {vocab}, "
-          f"{sup} supervised tokens per sequence\n")
-    print("| head | peak over baseline (MiB) | ratio |")
-    print("|---|---:|---:|")
-    print(f"| naive full logits + KL | {naive:.1f} | 1 |")
-    print(f"| chunked supervised-only | {chunked:.1f} | {chunked / naive:.4f} |")
+    seq, vocab = (2048, 32000) if not args.quick else (512, 8000)
+    print(f"\n## loss-head peak memory (forward + backward, allocator peak), dual pass (2 x {args.batch} "
+          f"sequences), seq {seq}, vocab {vocab}\n")
+    print("| supervised tokens / sequence | naive full logits + KL (MiB) | chunked supervised-only (MiB) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for sup in (4, seq // 2):
+        naive = head_memory("naive", args.batch, seq, args.hidden, vocab, sup)
+        chunked = head_memory("chunked", args.batch, seq, args.hidden, vocab, sup)
+        print(f"| {sup} | {naive:.1f} | {chunked:.1f} | {chunked / naive:.4f} |")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,11 @@ def hiddenkey_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
 
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{type(module).__name__} uses logit soft-capping or attention sinks, which the hiddenkey attention "
+            "function does not implement; use only `hidden` dropout with this model"
+        )
     # masks live on query heads, so grouped keys/values are expanded to one per query head
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
