@@ -27,7 +27,7 @@
 #   --dry-run             print the exact command(s) each node would run, run nothing
 #   --hostfile FILE       multi-node hostfile (see hostfile mode)
 #   --node-rank R         with --hostfile: run node R of the file on this machine, no ssh
-#   --master-addr ADDR    address of node 0 (default: first hostfile host / SLURM head node / 127.0.0.1)
+#   --master-addr ADDR    address of node 0 (default: $MASTER_ADDR or the first hostfile host / SLURM head node / 127.0.0.1)
 #   --master-port PORT    rendezvous port (default: $MASTER_PORT, else 29500; under SLURM 29500 + job id % 10000)
 #   --mode MODE           local | hostfile | slurm
 #   -h, --help            this text
@@ -90,6 +90,16 @@ if [[ ${1:-} == --rank-exec ]]; then
     shift 3
     log="$logdir/rank${RANK:?RANK is not set: --rank-exec runs under deepspeed.launcher.launch}.log"
     mkdir -p "$logdir"
+    if [[ -n ${HKDS_NODE_VISIBLE_DEVICES:-} && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+        # deepspeed's launcher numbers a hostfile node's GPUs 0..slots-1 and overwrites CUDA_VISIBLE_DEVICES
+        # with those; map them back onto the devices this node was given (SLURM's or the caller's list)
+        IFS=, read -ra given <<<"$HKDS_NODE_VISIBLE_DEVICES"
+        IFS=, read -ra picked <<<"$CUDA_VISIBLE_DEVICES"
+        mapped=()
+        for i in "${picked[@]}"; do mapped+=("${given[$i]:?local device $i is not in HKDS_NODE_VISIBLE_DEVICES=$HKDS_NODE_VISIBLE_DEVICES}"); done
+        CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${mapped[*]}")
+        export CUDA_VISIBLE_DEVICES
+    fi
     printf '=== %s rank %s (local %s of %s) on %s: %s\n' "$(date '+%F %T')" "$RANK" "${LOCAL_RANK:-?}" \
         "${LOCAL_SIZE:-?}" "$(hostname)" "$(quote "$@")" >>"$log"
     if [[ ${LOCAL_RANK:-0} == 0 ]]; then
@@ -283,6 +293,15 @@ node_command() {  # $1 = node rank or "local"; fills NODE_ENV and NODE_CMD
     else
         ranks_here=${SLOTS[$rank]}
         NODE_CMD+=(--hostfile "$NODE_HOSTFILE" --no_ssh --node_rank "$rank" --master_addr "$MASTER_ADDR_VALUE")
+        local devs=${CUDA_VISIBLE_DEVICES:-}
+        devs=${devs//[[:space:]]/}
+        if [[ -n $devs && $devs != -1* ]]; then
+            local n_devs
+            n_devs=$(tr ',' '\n' <<<"$devs" | grep -c .)
+            ((n_devs >= ranks_here)) ||
+                die "node $rank has $ranks_here slots but CUDA_VISIBLE_DEVICES=$devs names only $n_devs device(s)"
+            NODE_ENV+=("HKDS_NODE_VISIBLE_DEVICES=$devs")
+        fi
     fi
     NODE_CMD+=(--master_port "$MASTER_PORT_VALUE" --no_local_rank --no_python
                "$SELF" --rank-exec "$LOG_DIR" -- "$PY" -u -m "$TRAIN_MODULE" "$RECIPE" "${TRAIN_ARGS[@]}")

@@ -87,6 +87,7 @@ BUILTIN_SHAPES: dict[str, ModelShape] = {s.name: s for s in (
     ModelShape("llama-2-7b", 32, 4096, 11008, 32, 32, 32000, False),
     ModelShape("llama-2-13b", 40, 5120, 13824, 40, 40, 32000, False),
     ModelShape("llama-2-70b", 80, 8192, 28672, 64, 8, 32000, False),
+    ModelShape("llama-65b", 80, 8192, 22016, 64, 64, 32000, False),  # LLaMA-1 65B: the QLoRA paper's largest
     ModelShape("llama-3-8b", 32, 4096, 14336, 32, 8, 128256, False),
     ModelShape("llama-3-70b", 80, 8192, 28672, 64, 8, 128256, False),
     ModelShape("mistral-7b", 32, 4096, 14336, 32, 8, 32000, False),
@@ -100,6 +101,7 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     (r"^llama-?2-7b", "llama-2-7b"),
     (r"^llama-?2-13b", "llama-2-13b"),
     (r"^llama-?2-70b", "llama-2-70b"),
+    (r"^llama-65b", "llama-65b"),
     (r"^(meta-)?llama-?3(\.\d)?-8b", "llama-3-8b"),
     (r"^(meta-)?llama-?3(\.\d)?-70b", "llama-3-70b"),
     (r"^mistral-7b", "mistral-7b"),

@@ -367,9 +367,11 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     elif stage == 3 and cfg.contiguous_gradients:
         bucket = cfg.reduce_bucket_size if cfg.device == "gpu" else min(cfg.reduce_bucket_size, n_lora)
         buffers = bucket * d
+    dequant = 0.0
     if cfg.quantization != "none":
         # bitsandbytes dequantizes one weight to the compute dtype per matmul (and again in backward)
-        buffers += max(a * b for a, b in s.linear_shapes().values()) * d
+        dequant = max(a * b for a, b in s.linear_shapes().values()) * d
+        buffers += dequant
     context = CUDA_CONTEXT_BYTES if cfg.device == "gpu" else 0.0
     frag = FRAGMENTATION * dynamic if cfg.device == "gpu" else 0.0
 
@@ -394,7 +396,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
                         f"kept gathered within stage3_max_reuse_distance={cfg.max_reuse_distance:.0e} + prefetch "
                         f"bucket {cfg.prefetch_bucket_size:.0e}"))
     rows.append(Row("framework overhead", buffers + context + frag,
-                    f"DeepSpeed buckets {_gib(buffers)}" +
+                    f"DeepSpeed buckets {_gib(buffers - dequant)}" +
+                    (f", 4-bit dequant buffer {_gib(dequant)}" if dequant else "") +
                     (f", CUDA context+NCCL {_gib(context)}, fragmentation {FRAGMENTATION:.0%} of dynamic "
                      f"{_gib(frag)}" if cfg.device == "gpu" else "")))
     if cfg.key_dropout or cfg.attention_dropout:

@@ -241,9 +241,10 @@ def test_local_ranks_get_arguments_intact_logs_and_exit_status(tmp_path):
 
 @pytest.mark.distributed
 def test_slurm_mode_runs_one_launcher_per_node_through_srun(tmp_path):
-    """Two "nodes" on this machine: the fake srun starts launch.sh twice with SLURM_NODEID 0 and 1."""
+    """Two "nodes" on this machine: the fake srun starts launch.sh twice with SLURM_NODEID 0 and 1. Each node
+    was "given" GPU 7 (CUDA_VISIBLE_DEVICES=7): its one rank must see device 7, not DeepSpeed's renumbered 0."""
     env = slurm_env("localhost,127.0.0.1", SLURM_NTASKS_PER_NODE="1", HKDS_CPU_RANKS="1",
-                    MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", STUB_MARK="carried")
+                    MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", STUB_MARK="carried", CUDA_VISIBLE_DEVICES="7")
     stub = stub_env(tmp_path)
     env.update({k: stub[k] for k in ("HKDS_TRAIN_MODULE", "STUB_OUT", "PYTHONPATH")})
     run_dir = tmp_path / "run"
@@ -252,7 +253,7 @@ def test_slurm_mode_runs_one_launcher_per_node_through_srun(tmp_path):
     records = read_stub(tmp_path)
     assert [(r["rank"], r["env"]["CROSS_RANK"]) for r in records] == [(0, "0"), (1, "1")]
     assert all(r["world_size"] == 2 and r["argv"] == [str(TINY), NASTY] and r["env"]["STUB_MARK"] == "carried"
-               for r in records)
+               and r["env"]["CUDA_VISIBLE_DEVICES"] == "7" for r in records)
     assert (run_dir / "logs" / "hostfile").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
     assert {p.name for p in (run_dir / "logs").iterdir()} >= {"node0.log", "node1.log", "rank0.log", "rank1.log",
                                                                "launcher.log"}

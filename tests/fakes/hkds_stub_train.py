@@ -26,7 +26,8 @@ def main() -> int:
         "allreduce": total.item(),
         "host": socket.gethostname(),
         "env": {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DEEPSPEED_TIMEOUT",
-                                                "GLOO_SOCKET_IFNAME", "CROSS_RANK", "LOCAL_SIZE", "STUB_MARK")},
+                                                "GLOO_SOCKET_IFNAME", "CROSS_RANK", "LOCAL_SIZE", "STUB_MARK",
+                                                "CUDA_VISIBLE_DEVICES")},
     }
     out = os.environ["STUB_OUT"]
     os.makedirs(out, exist_ok=True)
