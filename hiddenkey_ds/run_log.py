@@ -21,6 +21,15 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def all_reduce_cpu(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small CPU tensor through whatever backend the run uses (NCCL only takes device tensors)."""
+    from deepspeed.accelerator import get_accelerator
+
+    on_device = tensor.to(get_accelerator().current_device_name())
+    dist.all_reduce(on_device, op=op)
+    return on_device.cpu()
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -41,12 +50,9 @@ class MetricsWindow:
                                    float(batch["attention_mask"].sum())], dtype=torch.float64)
 
     def reduce(self) -> dict[str, float]:
-        sums = self.sums.clone()
-        dist.all_reduce(sums)
-        ce, cons, tokens, inputs = sums.tolist()
+        ce, cons, tokens, inputs = all_reduce_cpu(self.sums).tolist()
         elapsed = time.perf_counter() - self.start
-        peak = torch.tensor([peak_memory_gib()])
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak = all_reduce_cpu(torch.tensor([peak_memory_gib()]), op=dist.ReduceOp.MAX)
         return {"ce": ce / max(tokens, 1), "consistency": cons / max(tokens, 1),
                 "tokens_per_s": inputs / max(elapsed, 1e-9), "peak_mem_gib": peak.item()}
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hiddenkey_ds.config import RecipeError, load_recipe
-from hiddenkey_ds.run_log import RunLogger
+from hiddenkey_ds.run_log import RunLogger, all_reduce_cpu
 
 # Deprecations inside DeepSpeed / PEFT that a user cannot act on; one per rank per step otherwise.
 for _pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
@@ -81,8 +81,7 @@ def global_token_normalizer(batches, world_size: int) -> float:
     DeepSpeed averages gradients over ranks and micro-batches, so dividing each micro-batch's loss sum by this
     gives the exact token mean of the global batch, independent of how it is split across ranks."""
     local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    total = torch.tensor(float(local))
-    dist.all_reduce(total)
+    total = all_reduce_cpu(torch.tensor(float(local), dtype=torch.float64))
     return max(total.item(), 1.0) / (world_size * len(batches))
 
 
@@ -112,8 +111,7 @@ def evaluate(engine, eval_ds, collate, micro_batch_size: int) -> dict[str, float
         sums += torch.tensor([out.ce.item() * n, n, out.token_correct.item(), out.seq_correct.item(),
                               out.n_seqs.item()], dtype=torch.float64)
     engine.train()
-    dist.all_reduce(sums)
-    ce_sum, tokens, token_correct, seq_correct, seqs = sums.tolist()
+    ce_sum, tokens, token_correct, seq_correct, seqs = all_reduce_cpu(sums).tolist()
     return {"loss": ce_sum / max(tokens, 1), "accuracy": seq_correct / max(seqs, 1),
             "token_accuracy": token_correct / max(tokens, 1), "examples": int(seqs)}
 
