@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hiddenkey_ds.model_shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402
+from hiddenkey_ds.model_shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402,F401  (ModelShape: tests build probes)
 from hiddenkey_ds.plan import MemoryPlan, PlanConfig, estimate  # noqa: E402
 
 MIB = 1024**2
@@ -125,6 +125,11 @@ def _measure_one(spec: Spec, world: int) -> dict:
     recipe = load_recipe(TINY_RECIPE, recipe_overrides(spec), world_size=world, check_output_dir=False)
     ds = resolve_ds_config(recipe, world, total_steps=2)
     shape = SHAPES[spec.model]
+    # The first ZeRO-3 engine of a process swaps torch.nn.functional.linear for DeepSpeed's version for good
+    # (it saves every linear input); a ZeRO-0/2 training process never has it, so measure those first
+    if spec.stage != 3 and getattr(torch.nn.functional.linear, "__name__", "") == "zero3_linear_wrap":
+        raise RuntimeError(f"{spec.label}: F.linear is still ZeRO-3's from an earlier configuration of this "
+                           "process; order ZeRO-3 configurations last (measure() does)")
     gc.collect()
     base = _status("VmRSS")
 
@@ -193,6 +198,90 @@ def worker(specs: list[Spec]) -> None:
         print("RESULT " + json.dumps({"spec": asdict(spec), "rank": int(os.environ["RANK"]), **result}), flush=True)
 
 
+# -- what autograd saves (exact, one process, no DeepSpeed) -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Probe:
+    """A decoder forward whose saved tensors are counted: the activation term of the planner, checked
+    without allocator noise. `zero3_linear` swaps in DeepSpeed's ZeRO-3 F.linear as a ZeRO-3 run does."""
+
+    shape: ModelShape = TINY_SHAPE
+    preset: str = "none"
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0
+    micro_batch: int = 2
+    seq_len: int = 64
+    padded: bool = False
+    checkpointing: bool = False
+    zero3_linear: bool = False
+    dtype: str = "fp32"
+
+
+def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
+    """(bytes of distinct non-parameter storages autograd saves in the decoder forward, planner's estimate of
+    the same: MemoryPlan.extras["decoder_saved"])."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hiddenkey_ds.dropout import DropoutConfig, apply_dropout
+    from hiddenkey_ds.models import _enable_gradient_checkpointing
+
+    s = probe.shape
+    dtype = torch.bfloat16 if probe.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab,
+        tie_word_embeddings=s.tie_embeddings, attn_implementation="sdpa", use_cache=False)).to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if probe.checkpointing:
+        _enable_gradient_checkpointing(model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=probe.lora_dropout,
+                                             target_modules=list(probe.targets)))
+    model.train()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)  # DeepSpeed's engine casts PEFT's fp32 adapters to the training dtype
+    cfg = DropoutConfig(preset=probe.preset)
+    apply_dropout(model, cfg)
+    rows = probe.micro_batch * (2 if cfg.dual_pass else 1)  # the objective's [x; x]
+    ids = torch.randint(3, s.vocab, (rows, probe.seq_len), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if probe.padded:
+        mask[0, : probe.seq_len // 4] = 0  # left padding in one row: a real (B, 1, S, S) mask
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    linear = torch.nn.functional.linear
+    if probe.zero3_linear:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        torch.nn.functional.linear = zero3_linear_wrap
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            decoder = model.get_base_model().get_decoder()
+            decoder(input_ids=ids, attention_mask=mask if probe.padded else None).last_hidden_state
+    finally:
+        torch.nn.functional.linear = linear
+    # rotary cos/sin are computed once and shared by every layer (not kept at all under checkpointing,
+    # which passes them as keyword arguments); the planner leaves them out
+    rotary = 0 if probe.checkpointing else 2 * probe.seq_len * s.dim_head * (2 if probe.dtype == "bf16" else 4)
+    plan_cfg = PlanConfig(
+        shape=s, dtype=probe.dtype, lora_r=8, lora_targets=probe.targets, lora_dropout=probe.lora_dropout,
+        zero_stage=3 if probe.zero3_linear else 0, micro_batch=probe.micro_batch, seq_len=probe.seq_len,
+        padded=probe.padded, gradient_checkpointing=probe.checkpointing, dual_pass=cfg.dual_pass,
+        key_dropout=cfg.key.rate > 0, attention_dropout=cfg.attention.rate > 0, hidden_dropout=cfg.hidden.rate > 0,
+        hidden_pattern=cfg.hidden.pattern, gpus_per_node=1, device="cpu")
+    return sum(saved.values()) - rotary, estimate(plan_cfg, suggest=False).extras["decoder_saved"]
+
+
 # -- the driver --------------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -204,7 +293,8 @@ def _free_port() -> int:
 def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]:
     """Run `specs` in `world` fresh rank processes; one dict per spec with every rank's numbers."""
     port = str(_free_port())
-    payload = json.dumps([asdict(s) for s in specs])
+    order = sorted(range(len(specs)), key=lambda i: specs[i].stage == 3)  # see _measure_one
+    payload = json.dumps([asdict(specs[i]) for i in order])
     env_common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
                   "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
                   "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
@@ -220,11 +310,10 @@ def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]
                 q.kill()
             raise RuntimeError(f"measurement rank exited with {p.returncode}:\n{err[-4000:]}")
         outputs.append([json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")])
-    results = []
-    for i, spec in enumerate(specs):
-        ranks = [o[i] for o in outputs]
-        results.append({"spec": spec, "world": world, "ranks": ranks,
-                        "measured": max(r["peak"] for r in ranks)})
+    results = [None] * len(specs)
+    for pos, i in enumerate(order):
+        ranks = [o[pos] for o in outputs]
+        results[i] = {"spec": specs[i], "world": world, "ranks": ranks, "measured": max(r["peak"] for r in ranks)}
     return results
 
 

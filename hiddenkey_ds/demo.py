@@ -28,12 +28,12 @@ QUICK_EVAL_LIMIT = 24
 
 
 def build_sweep(out: Path, lora_recipe: Path, hiddenkey_recipe: Path, ranks: int, seeds: list[int],
-                quick: bool, extra: list[str], data_overrides: list[str], limit: int | None) -> Sweep:
+                quick: bool, extra: list[str], data_overrides: list[str], limit: int | None, task: str) -> Sweep:
     overrides = (QUICK if quick else []) + extra
     return Sweep(
         name="demo", out_dir=out, ranks=ranks,
         methods=[Method("lora", lora_recipe, []), Method("hiddenkey", hiddenkey_recipe, [])],
-        seeds=seeds, tasks={DEMO_TASK: data_overrides}, overrides=overrides,
+        seeds=seeds, tasks={task: data_overrides}, overrides=overrides,
         eval={"base": True, "limit": QUICK_EVAL_LIMIT if quick and limit is None else limit},
     )
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     own_recipes = {args.lora_recipe.resolve(), args.hiddenkey_recipe.resolve()} == {
         (RECIPES / "demo-lora.yaml").resolve(), (RECIPES / "demo-hiddenkey.yaml").resolve()}
     data_overrides: list[str] = []
+    task = DEMO_TASK if own_recipes else _recipe_task(args.lora_recipe)
     if own_recipes:
         from hiddenkey_ds.demo_data import write_dataset
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _prebuild_models([args.lora_recipe, args.hiddenkey_recipe])
     sweep = build_sweep(out, args.lora_recipe, args.hiddenkey_recipe, args.ranks, seeds, args.quick,
-                        args.overrides, data_overrides, args.limit)
+                        args.overrides, data_overrides, args.limit, task)
     try:
         report = run_sweep(sweep)
     except SweepError as err:
@@ -80,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] report: {report.resolve()}")
     print(f"[demo] figures: {', '.join(str(p) for p in sorted(report.parent.glob('*.png')))}")
     return 0
+
+
+def _recipe_task(recipe: Path) -> str:
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text()).get("data") or {}
+    return str(data.get("task") or "data")
 
 
 def _prebuild_models(recipes: list[Path]) -> None:

@@ -50,7 +50,7 @@ def _review(rng: random.Random) -> tuple[str, int]:
     return text, label
 
 
-def make_rows(seed: int = 0, n_train: int = 32, n_dev: int = 128, noise: float = 0.25) -> dict[str, list[dict]]:
+def make_rows(seed: int = 0, n_train: int = 64, n_dev: int = 128, noise: float = 0.2) -> dict[str, list[dict]]:
     """{"train": rows, "validation": rows}; the same arguments give the same rows on every machine."""
     if not 0.0 <= noise < 0.5:
         raise ValueError(f"noise={noise}: the flipped fraction must be in [0, 0.5) for the labels to stay learnable")
@@ -81,8 +81,8 @@ def make_rows(seed: int = 0, n_train: int = 32, n_dev: int = 128, noise: float =
     return {"train": train, "validation": dev}
 
 
-def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 32, n_dev: int = 128,
-                  noise: float = 0.25) -> Path:
+def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 64, n_dev: int = 128,
+                  noise: float = 0.2) -> Path:
     """Write train.jsonl, dev.jsonl and dataset.yaml (how they were made) into out_dir; returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

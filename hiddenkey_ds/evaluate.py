@@ -227,12 +227,17 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
     """
     target = resolve_target(str(run_dir), base=base, base_only=base_only)
     metadata: dict[str, str] = {}
-    if tasks:
-        tasks = list(tasks)
-    elif target.recipe:
-        tasks, metadata = tasks_for_recipe(target.recipe)
-    else:
+    if target.recipe:
+        try:
+            derived, metadata = tasks_for_recipe(target.recipe)
+        except EvalError:
+            if not tasks:
+                raise
+        else:
+            tasks = list(tasks or derived)  # named tasks still get the run's data directory
+    if not tasks:
         raise EvalError("no run recipe to take the tasks from: pass --tasks")
+    tasks = list(tasks)
     metadata.update({k: str(Path(v).expanduser().resolve()) for k, v in (data_dirs or {}).items()})
     if out_dir is None:
         if target.run_dir is None:

@@ -88,6 +88,7 @@ class PlanConfig:
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
+    memory_efficient_linear: bool = True
     param_persistence_threshold: int = 100_000
     ds_config_name: str | None = None
 
@@ -196,6 +197,19 @@ def _lora_tensor_sizes(cfg: PlanConfig) -> list[int]:
     return [cfg.lora_r * dim for m in cfg.lora_targets for dim in shapes[m]] * cfg.shape.layers
 
 
+def zero3_saves_linear_inputs(cfg: PlanConfig) -> bool:
+    """ZeRO-3 (zero.Init, and deepspeed.initialize at stage 3) replaces torch.nn.functional.linear for the rest
+    of the process by its memory_efficient_linear autograd function, which saves the input of every linear
+    layer, frozen ones included. bitsandbytes' 4/8-bit layers do not go through F.linear."""
+    return cfg.zero_stage == 3 and cfg.memory_efficient_linear and cfg.quantization == "none"
+
+
+def dropout_mask_bytes(cfg: PlanConfig) -> int:
+    """What F.dropout keeps per element for backward: CUDA's fused kernel a bool mask; the CPU path
+    multiplies by a noise tensor in the input's dtype and keeps that."""
+    return 1 if cfg.device == "gpu" else cfg.dtype_bytes
+
+
 def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
     """Bytes one token keeps alive for backward in one decoder layer (without the (S x S) masks).
 
@@ -205,43 +219,57 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
     s, d = cfg.shape, cfg.dtype_bytes
     h, i, q, kv, r = s.hidden, s.intermediate, s.q_dim, s.kv_dim, cfg.lora_r
     targets = set(cfg.lora_targets)
-    # lora_dropout > 0 gives each adapter its own dropped copy of the input plus a bool keep-mask
     drop = cfg.lora_dropout > 0
+    every_input = zero3_saves_linear_inputs(cfg)
 
-    def lora_inputs(mods: set[str], width: int) -> float:
-        if not mods:
-            return 0.0
-        return len(mods) * width * (d + 1) if drop else width * d  # without dropout they share one tensor
-
-    total = 0.0
-    total += 2 * 4 * h                                     # both RMSNorms keep their fp32 input
-    total += lora_inputs(targets & {"q_proj", "k_proj", "v_proj"}, h)
-    # sdpa keeps q, k, v and its output; k/v are expanded to every query head whenever a mask is passed
-    # (stock sdpa with padding, or the DropKey path); the output is copied once more by .contiguous()
-    # before o_proj, and that copy is saved only when o_proj has an adapter
+    # both RMSNorms keep their fp32 input and rsqrt (the first layer's input norm does not: its input, the
+    # frozen embedding's output, needs no gradient; the final norm makes up for it, see estimate())
+    total = 2 * (4 * h + 4)
     expanded = cfg.key_dropout or cfg.attention_dropout or cfg.padded
-    total += d * (q + (2 * q if expanded else 2 * kv) + q) + 4 * s.heads   # + fp32 logsumexp per head
-    total += lora_inputs(targets & {"o_proj"}, q)
-    total += lora_inputs(targets & {"gate_proj", "up_proj"}, h)
+    if cfg.attention_dropout:
+        # DropAttention materializes the weights: the matmuls keep q and the expanded k, v (the (S x S)
+        # tensors are in attention_mask_bytes_per_layer)
+        total += d * 3 * q
+    else:
+        # sdpa keeps q, k, v, its output and an fp32 logsumexp per head; k/v are expanded to every query head
+        # whenever a mask is passed (stock sdpa with padding, or the DropKey path). The fused kernels lay their
+        # output out as (B, S, H, d), so o_proj's input is that same storage
+        total += d * (q + (2 * q if expanded else 2 * kv) + q) + 4 * s.heads
+    # inputs of the linear layers, by the tensor they read: q/k/v share the normed x, gate/up the normed x
+    for mods, width, shared_with_sdpa in (({"q_proj", "k_proj", "v_proj"}, h, False),
+                                          ({"o_proj"}, q, not cfg.attention_dropout),
+                                          ({"gate_proj", "up_proj"}, h, False), ({"down_proj"}, i, False)):
+        adapted = mods & targets
+        if drop:
+            # lora_dropout > 0: each adapter keeps its own dropped copy of the input and the dropout's mask
+            total += len(adapted) * width * (d + dropout_mask_bytes(cfg))
+            total += width * d if every_input and not shared_with_sdpa else 0
+        elif (adapted or every_input) and not shared_with_sdpa:
+            total += width * d                             # one shared input tensor
     total += 3 * i * d                                     # gate (silu input), silu(gate), up
-    total += i * d if "down_proj" in targets and not drop else 0.0  # silu(gate)*up = down's LoRA input
-    total += lora_inputs(targets & {"down_proj"}, i) if drop else 0.0
     total += len(targets) * r * d                          # lora_A outputs, saved by lora_B
     if cfg.hidden_dropout and cfg.hidden_pattern == "element":
-        total += h                                         # bool keep-mask of the MLP output
+        total += h * dropout_mask_bytes(cfg)               # F.dropout's mask on the MLP output
     return total
 
 
 def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
-    """The (S x S) tensors one layer keeps for backward: DropKey's additive logit mask (B, H, S, S) in the
-    compute dtype, DropAttention's fp32 weights + keep-mask."""
+    """The (S x S) tensors one layer keeps for backward, per (sequence, head): DropKey's additive logit mask
+    in the compute dtype, saved by sdpa; DropAttention's fp32 softmax output, bool keep-mask, masked fp32
+    weights and the renormalized weights the value matmul keeps; without either, a padding mask."""
     s2 = cfg.seq_len ** 2
-    total = 0.0
-    if cfg.key_dropout or cfg.attention_dropout:
-        total += sequences * cfg.shape.heads * s2 * cfg.dtype_bytes
+    per = 0.0
     if cfg.attention_dropout:
-        total += sequences * cfg.shape.heads * s2 * (4 + 4 + 1)   # softmax out, rescaled weights, keep
-    return total
+        # fp32 softmax output, bool keep-mask, fp32 masked weights, and the renormalized weights in the
+        # compute dtype that the value matmul keeps
+        per = 4 + 1 + 4 + cfg.dtype_bytes
+    elif cfg.key_dropout:
+        per = cfg.dtype_bytes
+    elif cfg.padded:
+        # stock sdpa with a padding mask: torch turns the bool (B, 1, S, S) mask into an additive one in the
+        # compute dtype in every layer's call, and keeps that copy for backward (one per layer, no head axis)
+        return sequences * s2 * cfg.dtype_bytes
+    return sequences * cfg.shape.heads * s2 * per
 
 
 def backward_working_bytes_per_token(cfg: PlanConfig) -> float:
@@ -300,7 +328,7 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
         partitioned = base_full - persistent
         base = persistent + (0.0 if cfg.offload_param else partitioned / n)
         base_note = (f"offloaded to CPU; {_gib(persistent)} small tensors stay" if cfg.offload_param else
-                     f"partitioned over {n} ranks by ZeRO-3 ({_gib(base_full)} whole)")
+                     f"partitioned over {_ranks(n)} by ZeRO-3 ({_gib(base_full)} whole)")
     else:
         base = base_full
         base_note = f"whole on every rank (ZeRO-{stage} partitions only trainable state)"
@@ -335,13 +363,31 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     per_tok_layer = activation_bytes_per_token_layer(cfg)
     layer_masks = attention_mask_bytes_per_layer(cfg, seqs)
     per_layer = per_tok_layer * tokens + layer_masks
-    # the stock sdpa path keeps one bool (B, 1, S, S) padding mask shared by all layers
-    shared_mask = seqs * cfg.seq_len ** 2 if cfg.padded and not (cfg.key_dropout or cfg.attention_dropout) else 0
-    # after the last layer: the final RMSNorm's fp32 input and the supervised hidden states of each pass
-    # (inputs of the checkpointed head chunks)
-    tail = 4 * s.hidden * tokens + cfg.passes * sup_per_pass * s.hidden * d
-    full_saved = s.layers * per_layer + shared_mask + tail
-    ckpt_saved = s.layers * s.hidden * d * tokens + shared_mask + tail  # one layer input per layer
+    # after the last layer: the supervised hidden states of each pass (inputs of the checkpointed head
+    # chunks); the final RMSNorm's fp32 input is the one the first layer's input norm does not save
+    head_inputs = cfg.passes * sup_per_pass * s.hidden * d
+    decoder_saved = s.layers * per_layer
+    qkv_adapted = set(cfg.lora_targets) & {"q_proj", "k_proj", "v_proj"}
+    if not qkv_adapted:
+        # nothing in the first layer's attention needs a gradient before o_proj: no q/k/v, masks or logsumexp
+        # kept there (its output only as o_proj's adapter input)
+        qd = s.q_dim
+        kvd = qd if (cfg.key_dropout or cfg.attention_dropout or cfg.padded) else s.kv_dim
+        attn = d * 3 * qd if cfg.attention_dropout else d * (2 * qd + 2 * kvd) + 4 * s.heads
+        if "o_proj" in cfg.lora_targets and not cfg.attention_dropout:
+            attn -= d * qd
+        attn += s.hidden * d if zero3_saves_linear_inputs(cfg) else 0
+        decoder_saved -= attn * tokens + attention_mask_bytes_per_layer(cfg, seqs)
+    if cfg.lora_dropout > 0 and qkv_adapted:
+        # the first layer's q/k/v input (the frozen embedding, normed) needs no gradient: there the dropout
+        # keeps no mask and ZeRO-3's linear no base-layer input (without lora_dropout that input is the
+        # adapters' own, counted once either way)
+        first = len(qkv_adapted) * dropout_mask_bytes(cfg) + (d if zero3_saves_linear_inputs(cfg) else 0)
+        decoder_saved -= s.hidden * first * tokens
+    full_saved = decoder_saved + head_inputs
+    # with checkpointing: one layer input per layer (the first included: checkpointing makes the embedding
+    # output require grad) and the final RMSNorm's input
+    ckpt_saved = s.layers * s.hidden * d * tokens + (4 * s.hidden + 4) * tokens + head_inputs
     saved = ckpt_saved if cfg.gradient_checkpointing else full_saved
     # while a layer builds its DropKey mask: the causal/padding visibility (bool) and its fp32 copy for the
     # all-dropped-row count, (B|1, S, S) each
@@ -382,10 +428,10 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
         Row(f"base weights ({weight_kind})", base, base_note),
         Row(f"LoRA parameters ({cfg.dtype})", lora_bytes, f"{n_lora / 1e6:.2f}M trainable, r={cfg.lora_r} on "
             f"{','.join(cfg.lora_targets)}"),
-        Row("gradients", grad_bytes, f"partitioned over {n} ranks" if stage >= 2 else "whole on every rank"),
+        Row("gradients", grad_bytes, f"partitioned over {_ranks(n)}" if stage >= 2 else "whole on every rank"),
         Row("AdamW states (fp32 master, m, v)", opt_bytes,
             f"offloaded: {_gib(opt_full)} in CPU RAM" if cfg.offload_optimizer else
-            (f"partitioned over {n} ranks" if stage >= 1 else "whole on every rank")),
+            (f"partitioned over {_ranks(n)}" if stage >= 1 else "whole on every rank")),
         Row("activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""), saved, act_note),
         Row("transient peak", transient,
             f"max(loss head {_gib(head)} [chunk {chunk} tok x vocab {s.vocab}], backward "
@@ -407,8 +453,9 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
                         if cfg.dual_pass else f"{_gib(layer_masks)}/layer", counted=False))
     plan = MemoryPlan(cfg, rows, cpu_bytes, per_layer_activation_bytes=per_layer,
                       checkpointed_activation_bytes=ckpt_saved, full_activation_bytes=full_saved,
-                      extras={"head": head, "backward": bwd, "recompute": recompute, "mask_build": mask_build,
-                              "buffers": buffers, "context": context, "fragmentation": frag})
+                      extras={"decoder_saved": saved - head_inputs, "head_inputs": head_inputs, "head": head,
+                              "backward": bwd, "recompute": recompute, "mask_build": mask_build, "buffers": buffers,
+                              "context": context, "fragmentation": frag})
     if cfg.dual_pass:
         single = estimate(replace(cfg, dual_pass=False), suggest=False)
         plan.rows.append(Row("  of which HiddenKey dual pass [x; x]", plan.total_bytes - single.total_bytes,
@@ -565,12 +612,17 @@ def config_from_recipe(recipe, ds: dict, nodes: int, gpus_per_node: int, gpu_mem
         prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
         max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
+        memory_efficient_linear=bool(zero.get("memory_efficient_linear", True)),
         param_persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
         ds_config_name=recipe.run.deepspeed,
     )
 
 
 # -- output -----------------------------------------------------------------------------------------------------
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" + ("s" if n != 1 else "")
+
 
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -347,7 +347,7 @@ def plot_accuracy(table: dict[str, Any], path: Path) -> None:
     methods = sorted({r["method"] for r in rows}, key=_method_key)
     colors = _colors(methods)
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6.5, 2.2 + 1.6 * len(tasks) * max(1, len(methods)) * 0.5), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.5, 4.2 + 0.8 * len(tasks) * max(1, len(methods))), 4.8))
     for ti, task in enumerate(tasks):
         by_method = {r["method"]: r for r in rows if r["task"] == task}
         best = max(by_method.values(), key=lambda r: r["mean"])["method"]
@@ -372,7 +372,7 @@ def plot_accuracy(table: dict[str, Any], path: Path) -> None:
            title=f"lm-eval accuracy: mean ± std over seeds (n = {', '.join(map(str, n_seeds))}); dots = seeds, ★ = best")
     lows = [100 * min(r["values"]) for r in rows] + [100 * b["value"] for b in base.values()]
     ax.set_ylim(max(0.0, min(lows) - 10), 100 * min(1.0, max(r["mean"] + (r["std"] or 0) for r in rows) + 0.08))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: never on a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

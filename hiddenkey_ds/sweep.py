@@ -203,7 +203,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> Path | None:
     logs = sweep.out_dir / "logs"
     log(f"[sweep] {sweep.name}: {len(runs)} runs ({len(sweep.tasks)} tasks x {len(sweep.methods)} methods x "
         f"{len(sweep.seeds)} seeds) in {sweep.out_dir}")
-    env = _child_env(sweep.ranks)
+    env, eval_env = _child_env(sweep.ranks), _child_env(1)  # lm-eval is one process: it gets every core
     for i, run in enumerate(runs, 1):
         state = run.state
         head = f"run {i}/{len(runs)} {run.name}"
@@ -217,13 +217,14 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> Path | None:
         if dry_run:
             continue
         if not (run.run_dir / "eval" / "results.json").is_file():
-            _run_logged(eval_command(run.run_dir, sweep), logs / f"{run.name}.eval.log", env, f"{head}: lm-eval", log)
+            _run_logged(eval_command(run.run_dir, sweep), logs / f"{run.name}.eval.log", eval_env, f"{head}: lm-eval",
+                        log)
     if sweep.eval.get("base", True) and not dry_run:
         for task in sweep.tasks:
             # one "before" row per task, kept in the task's first run directory where the report finds it
             first = next(r for r in runs if r.task == task)
             if not (first.run_dir / "eval" / "base.json").is_file():
-                _run_logged(eval_command(first.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log", env,
+                _run_logged(eval_command(first.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log", eval_env,
                             f"{task}: lm-eval of the base model", log)
     if dry_run or not sweep.report:
         return None

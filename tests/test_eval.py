@@ -188,3 +188,38 @@ def test_training_tokens_are_the_tokens_lm_eval_scores():
                 prompt = template.render_prompt(doc)
                 [(ctx, ans)] = split_ids(tokenizer, [prompt], [choice], add_special_tokens=True)
                 assert lm._encode_pair(prompt, choice) == (ctx, ans), (name, prompt, choice)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (RTE / "dev.jsonl").is_file(), reason=f"real GLUE RTE not present at {RTE} (../shared is not part of a clone)")
+def test_real_rte_train_then_local_file_eval(tmp_path):
+    """SmolLM2-135M-Instruct on real RTE for a handful of steps, then lm-eval on the local-file task."""
+    run_dir = tmp_path / "rte-run"
+    rc = subprocess.run(
+        [sys.executable, "-m", "hiddenkey_ds.train", str(ROOT / "recipes" / "smollm2-rte-lora.yaml"),
+         f"run.output_dir={run_dir}", f"data.path={RTE}", "train.max_steps=3", "train.micro_batch_size=4",
+         "train.grad_accum=1", "train.global_batch_size=null", "train.log_every=1", "train.eval_every=null",
+         "train.save_every=null", "data.max_train_examples=24", "data.max_eval_examples=8", "eval.at_end=false"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200,
+    )
+    assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-3000:]
+    [path] = evaluate.run_eval(run_dir, limit=16, batch_size=8, log=lambda *_: None)
+    result = json.loads(path.read_text())
+    assert result["hiddenkey_ds"]["tasks"] == ["hk_rte_local"]
+    assert result["hiddenkey_ds"]["task_metadata"] == {"rte_dir": str(RTE.resolve())}
+    assert result["n-samples"]["hk_rte_local"] == {"original": 277, "effective": 16}
+    assert 0.0 <= result["results"]["hk_rte_local"]["acc,none"] <= 1.0
+
+
+def test_eval_at_end_of_training(tmp_path):
+    """eval.at_end=true: the loop itself writes RUN_DIR/eval/results.json for the run's task."""
+    run_dir = tmp_path / "run"
+    rc = subprocess.run(
+        [sys.executable, "-m", "hiddenkey_ds.train", str(ROOT / "recipes" / "tiny-lora.yaml"), f"run.output_dir={run_dir}",
+         "train.max_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_train_examples=32",
+         "data.max_eval_examples=8", "eval.at_end=true", "eval.limit=8"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
+    )
+    assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-3000:]
+    result = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert result["hiddenkey_ds"]["tasks"] == ["hk_toy_sst2"] and result["n-samples"]["hk_toy_sst2"]["effective"] == 8

@@ -91,9 +91,9 @@ def test_dry_run_local_cpu_uses_hkds_cpu_ranks_and_keeps_arguments(tmp_path):
     comments, commands = parse_dry_run(res.stdout)
     assert any("mode=local" in c and "world=3" in c for c in comments)
     (cmd,) = commands
-    assert cmd[:2] == ["env", "DEEPSPEED_TIMEOUT=60"] or "DEEPSPEED_TIMEOUT=60" in cmd[:5]
-    runner = cmd[cmd.index("-m") - 1:]
-    assert runner[1:3] == ["-m", "deepspeed.launcher.runner"]
+    runner_at = cmd.index("deepspeed.launcher.runner") - 2
+    assert cmd[0] == "env" and "DEEPSPEED_TIMEOUT=60" in cmd[1:runner_at] and "PYTHONFAULTHANDLER=1" in cmd[1:runner_at]
+    assert cmd[runner_at:runner_at + 3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert opt(cmd, "--num_gpus") == "3" and opt(cmd, "--master_port") == "29999"
     assert "--no_local_rank" in cmd and "--hostfile" not in cmd
     assert opt(cmd, "--rank-exec") == f"{run_dir}/logs"
@@ -109,6 +109,17 @@ def test_dry_run_resolves_run_dir_from_recipe_and_overrides(tmp_path):
     # a broken recipe fails before anything is launched, with the recipe's own message
     bad = launch(["--dry-run", str(TINY), "train.no_such_key=1"], clean_env())
     assert bad.returncode == 2 and "train.no_such_key" in bad.stderr and not bad.stdout.strip()
+    # and the recipe is checked against the world size launch.sh is about to start (here 3 ranks)
+    world = launch(["--dry-run", str(TINY), "train.global_batch_size=16"], clean_env(HKDS_CPU_RANKS="3"))
+    assert world.returncode == 2 and "global_batch_size" in world.stderr, world.stderr
+
+
+def test_help_prints_the_reference():
+    res = launch(["--help"], clean_env())
+    assert res.returncode == 0
+    for word in ("--dry-run", "--hostfile", "--node-rank", "HKDS_CPU_RANKS", "DEEPSPEED_TIMEOUT", "NCCL_SOCKET_IFNAME"):
+        assert word in res.stdout
+    assert "#SBATCH" not in res.stdout and "set -euo" not in res.stdout
 
 
 @pytest.mark.parametrize("nodelist,hosts", [("gpu07", ["gpu07"]), ("node[001-002]", ["node001", "node002"])])
