@@ -106,6 +106,14 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def _trim_heap() -> None:
+    """Hand free heap pages back to the kernel (glibc malloc_trim), so that a configuration cannot reuse an
+    earlier one's freed small allocations without them showing in its resident set."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
@@ -126,11 +134,11 @@ def _measure_one(spec: Spec, world: int) -> dict:
     ds = resolve_ds_config(recipe, world, total_steps=2)
     shape = SHAPES[spec.model]
     # The first ZeRO-3 engine of a process swaps torch.nn.functional.linear for DeepSpeed's version for good
-    # (it saves every linear input); a ZeRO-0/2 training process never has it, so measure those first
+    # (it saves every linear input); a ZeRO-0/2 training process never has it: measure() runs the two apart
     if spec.stage != 3 and getattr(torch.nn.functional.linear, "__name__", "") == "zero3_linear_wrap":
-        raise RuntimeError(f"{spec.label}: F.linear is still ZeRO-3's from an earlier configuration of this "
-                           "process; order ZeRO-3 configurations last (measure() does)")
+        raise RuntimeError(f"{spec.label}: F.linear is ZeRO-3's from an earlier configuration of this process")
     gc.collect()
+    _trim_heap()
     base = _status("VmRSS")
 
     torch.manual_seed(0)
@@ -159,11 +167,12 @@ def _measure_one(spec: Spec, world: int) -> dict:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
     gc.collect()
+    _trim_heap()
     after_init = _status("VmRSS")
     _reset_peak()
     phases = {}
     t0 = time.perf_counter()
-    for step in range(2):
+    for _ in range(2):
         out = engine(**batch)
         phases.setdefault("forward", _status("VmHWM"))
         engine.backward(out.loss)
@@ -173,7 +182,8 @@ def _measure_one(spec: Spec, world: int) -> dict:
     peak = _status("VmHWM")
     loss = float(out.loss)
 
-    engine.destroy() if hasattr(engine, "destroy") else None
+    if hasattr(engine, "destroy"):
+        engine.destroy()
     del engine, objective, model, out
     gc.collect()
     return {"peak": peak - base, "after_init": after_init - base, "forward": phases["forward"] - base,
@@ -267,7 +277,7 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             decoder = model.get_base_model().get_decoder()
-            decoder(input_ids=ids, attention_mask=mask if probe.padded else None).last_hidden_state
+            decoder(input_ids=ids, attention_mask=mask if probe.padded else None)
     finally:
         torch.nn.functional.linear = linear
     # rotary cos/sin are computed once and shared by every layer (not kept at all under checkpointing,
@@ -291,10 +301,21 @@ def _free_port() -> int:
 
 
 def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]:
-    """Run `specs` in `world` fresh rank processes; one dict per spec with every rank's numbers."""
+    """Run `specs` in fresh sets of `world` rank processes, ZeRO-3 ones apart (see _measure_one), smaller
+    models first; one dict per spec with every rank's numbers, in the order given."""
+    results: list[dict | None] = [None] * len(specs)
+    for zero3 in (False, True):
+        group = sorted((i for i in range(len(specs)) if (specs[i].stage == 3) == zero3),
+                       key=lambda i: SHAPES[specs[i].model].total_params)
+        if group:
+            for i, res in zip(group, _measure_group([specs[i] for i in group], world, timeout), strict=True):
+                results[i] = res
+    return results
+
+
+def _measure_group(specs: list[Spec], world: int, timeout: int) -> list[dict]:
     port = str(_free_port())
-    order = sorted(range(len(specs)), key=lambda i: specs[i].stage == 3)  # see _measure_one
-    payload = json.dumps([asdict(specs[i]) for i in order])
+    payload = json.dumps([asdict(s) for s in specs])
     env_common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
                   "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
                   "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
@@ -310,10 +331,10 @@ def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]
                 q.kill()
             raise RuntimeError(f"measurement rank exited with {p.returncode}:\n{err[-4000:]}")
         outputs.append([json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")])
-    results = [None] * len(specs)
-    for pos, i in enumerate(order):
-        ranks = [o[pos] for o in outputs]
-        results[i] = {"spec": specs[i], "world": world, "ranks": ranks, "measured": max(r["peak"] for r in ranks)}
+    results = []
+    for i, spec in enumerate(specs):
+        ranks = [o[i] for o in outputs]
+        results.append({"spec": spec, "world": world, "ranks": ranks, "measured": max(r["peak"] for r in ranks)})
     return results
 
 

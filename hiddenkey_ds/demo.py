@@ -43,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="demo folder (data, runs, report); default runs/demo")
     parser.add_argument("--quick", action="store_true", help="6 steps and a 24-example lm-eval: proves the path (CI)")
     parser.add_argument("--ranks", type=int, default=2, help="ranks per run (deepspeed --num_gpus); default 2")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (the report's t-test needs >= 2)")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds, e.g. 0,1,2 (the report's t-test needs >= 2)")
     parser.add_argument("--lora-recipe", type=Path, default=RECIPES / "demo-lora.yaml")
     parser.add_argument("--hiddenkey-recipe", type=Path, default=RECIPES / "demo-hiddenkey.yaml")
     parser.add_argument("--limit", type=int, help="lm-eval examples per task (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for both runs, e.g. --set train.max_steps=200 (repeatable)")
     args = parser.parse_args(argv)
@@ -59,22 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     if own_recipes:
         from hiddenkey_ds.demo_data import write_dataset
 
-        write_dataset(out / "data")  # deterministic: rewriting it on a re-run changes nothing
+        if not args.dry_run:
+            write_dataset(out / "data")  # deterministic: rewriting it on a re-run changes nothing
+            print(f"[demo] data: {out / 'data'} (generated, seed 0)")
         data_overrides = [f"data.path={out / 'data'}"]
-        print(f"[demo] data: {out / 'data'} (generated, seed 0)")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         print(f"hiddenkey-ds demo: error: --seeds takes integers like 0,1,2, got {args.seeds!r}", file=sys.stderr)
         return 2
-    _prebuild_models([args.lora_recipe, args.hiddenkey_recipe])
+    if not args.dry_run:
+        _prebuild_models([args.lora_recipe, args.hiddenkey_recipe])
     sweep = build_sweep(out, args.lora_recipe, args.hiddenkey_recipe, args.ranks, seeds, args.quick,
                         args.overrides, data_overrides, args.limit, task)
     try:
-        report = run_sweep(sweep)
+        report = run_sweep(sweep, dry_run=args.dry_run)
     except SweepError as err:
         print(f"hiddenkey-ds demo: error: {err}", file=sys.stderr)
         return 1
+    if report is None:  # --dry-run
+        return 0
     text = report.read_text()
     print(text.split("\n## Runs")[0])  # the tables; the full report is in the file
     print(f"[demo] finished in {time.time() - started:.0f} s")

@@ -4,13 +4,14 @@ Generated from a seed (no downloads), written as SST-2-shaped jsonl (`sentence`,
 1 = positive) so that training and lm-eval both use the `sst2` template of `hiddenkey_ds.data.templates`:
 one prompt, one place, no extra template to register.
 
-Why it shows regularization: each review has two clauses of opposite or equal polarity joined by a contrast
-("X, but Y", "Although X, Y", "Y, even though X") and adjectives may be negated ("not bland"); the verdict is
-the main clause's. SmolLM2-135M-Instruct gets roughly two thirds of them right zero-shot (keywords mislead it)
-and learns the rule in a few dozen LoRA steps. The training split is small and a fixed fraction of its labels is
-flipped (seeded; flagged in a `noisy` column the loader ignores): a model that keeps fitting the training set
-memorizes those flips, its validation loss turns up and its accuracy drops - the overfitting dropout methods are
-meant to curb. The validation split is clean and shares no sentence with the training split.
+Why it can show regularization: each review has two clauses of opposite or equal polarity joined by a
+contrast ("X, but Y", "Although X, Y", "Y, even though X") and adjectives may be negated ("not bland"); the
+verdict is the main clause's. SmolLM2-135M-Instruct gets 75.8% of the dev reviews right zero-shot (keywords
+mislead it) and plain LoRA learns the rule in a few dozen steps (91.4% after the demo's 60). The training split
+is small and a fixed fraction of its labels is flipped (seeded; flagged in a `noisy` column the loader
+ignores): a model that keeps fitting the training set memorizes those flips and its validation loss turns up -
+the overfitting dropout methods are meant to curb. The validation split is clean, balanced and shares no
+sentence with the training split.
 """
 from __future__ import annotations
 

@@ -173,25 +173,50 @@ def default_device() -> str:
 
 
 def _evaluate(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str], limit: float | None,
-              batch_size: int, device: str) -> dict[str, Any]:
+              batch_size: int, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(lm-eval results, facts about the model evaluated)."""
     # Mirrors what the stock CLI does with the same arguments: its TaskManager gets model_args | metadata as
     # task metadata, and its seeds are simple_evaluate's defaults.
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata={**margs, **metadata})
+    quant = margs.get("quantization_config")
+    plain = {k: v for k, v in margs.items() if k != "quantization_config"}
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata={**plain, **metadata})
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         ours = sorted(n for n in manager.all_tasks if n.startswith("hk_"))
         raise EvalError(f"unknown lm-eval task(s) {unknown}; this package's tasks: {', '.join(ours)}")
+    model: Any = "hf"
+    facts: dict[str, Any] = {}
+    if quant is not None:
+        # HFLM takes no quantization config among its model_args (it reads one only from a pre-quantized
+        # checkpoint's config), so the 4-bit model is built here and handed over as an instance.
+        model = _quantized_lm(plain, quant, batch_size, device)
+        import bitsandbytes as bnb
+
+        facts["linear4bit_layers"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.model.modules())
     results = simple_evaluate(
-        model="hf", model_args=margs, tasks=tasks, limit=limit, batch_size=batch_size, device=device,
+        model=model, model_args=plain, tasks=tasks, limit=limit, batch_size=batch_size, device=device,
         task_manager=manager, log_samples=False, metadata=metadata,
     )
     if results is None:  # non-zero ranks under torch.distributed
         raise EvalError("lm-eval returned no results (run evaluation in one process, not under a launcher)")
     results.pop("samples", None)
-    return results
+    return results, facts
+
+
+def _quantized_lm(margs: dict[str, Any], quant: Any, batch_size: int, device: str):
+    from lm_eval.models.huggingface import HFLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # bitsandbytes quantizes while placing the weights: load straight onto the evaluation device
+    base = AutoModelForCausalLM.from_pretrained(margs["pretrained"], quantization_config=quant,
+                                                device_map={"": device})
+    model = PeftModel.from_pretrained(base, margs["peft"]) if "peft" in margs else base
+    tokenizer = AutoTokenizer.from_pretrained(margs["pretrained"])
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
 
 
 def _write(results: dict[str, Any], path: Path) -> None:
@@ -217,8 +242,9 @@ def primary_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: float | None = None,
              batch_size: int = 8, *, base_only: bool = False, base: str | None = None,
-             data_dirs: dict[str, str] | None = None, device: str | None = None, out_dir: str | os.PathLike | None = None,
-             dtype: str | None = None, quantized: str = "auto", log=print) -> list[Path]:
+             data_dirs: dict[str, str] | None = None, device: str | None = None,
+             out_dir: str | os.PathLike | None = None, dtype: str | None = None, quantized: str = "auto",
+             log=print) -> list[Path]:
     """Evaluate and write results JSON(s); returns their paths.
 
     `run_dir` is a run directory, an adapter directory or (base_only) a model name. `data_dirs` maps metadata keys
@@ -256,7 +282,7 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
 
             model = {"dtype": "bf16", "quant_type": "nf4", "double_quant": True, **target.recipe["model"]}
             if device == "cpu":
-                model["dtype"] = "fp32"  # bf16 matmuls are emulated (slow) on most CPUs; the 4-bit weights are the point
+                model["dtype"] = "fp32"  # bf16 matmuls are slow on most CPUs; the 4-bit weights are the point
             quant = quantization_config(SimpleNamespace(model=SimpleNamespace(**model)))
             jobs.append(("results_4bit.json", {**margs, "quantization_config": quant}))
         elif quantized == "require":
@@ -268,19 +294,29 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
 
     written = []
     for name, args in jobs:
-        stock = None if "quantization_config" in args else stock_command(args, tasks, metadata, limit, batch_size, device)
+        quantized_job = "quantization_config" in args
+        stock = None if quantized_job else stock_command(args, tasks, metadata, limit, batch_size, device)
         log(f"[eval] {name}: base={args['pretrained']} adapter={args.get('peft', '-')} tasks={','.join(tasks)}")
         if stock:
             log(f"[eval] stock equivalent: {stock}")
         started = time.time()
-        results = _evaluate(args, tasks, metadata, limit, batch_size, device)
+        if quantized_job and quantized == "auto":
+            try:
+                results, facts = _evaluate(args, tasks, metadata, limit, batch_size, device)
+            except (AssertionError, RuntimeError, ValueError, NotImplementedError, ImportError) as err:
+                # bitsandbytes' CPU and older-GPU kernels reject some shapes/dtypes only when they run
+                log(f"[eval] skipping the 4-bit evaluation: bitsandbytes failed on {device}: "
+                    f"{type(err).__name__}: {err} (--quantized require makes this an error)")
+                continue
+        else:
+            results, facts = _evaluate(args, tasks, metadata, limit, batch_size, device)
         results["hiddenkey_ds"] = {
             "base": target.base, "pretrained": args["pretrained"],
             "adapter": str(target.adapter) if target.adapter else None,
             "run_dir": str(target.run_dir) if target.run_dir else None,
             "tasks": tasks, "task_metadata": metadata, "limit": limit, "batch_size": batch_size, "device": device,
-            "quantization": "4bit" if "quantization_config" in args else "none",
-            "stock_command": stock, "seconds": round(time.time() - started, 1),
+            "quantization": "4bit" if quantized_job else "none",
+            "stock_command": stock, "seconds": round(time.time() - started, 1), **facts,
         }
         path = out_dir / name
         _write(results, path)
@@ -306,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="hiddenkey-ds eval", description="Evaluate a run directory, an adapter, or a base model with lm-eval."
     )
     parser.add_argument("target", help="run directory, PEFT adapter directory, or (with --base-only) a model name")
-    parser.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the run's eval.tasks or training task)")
+    parser.add_argument("--tasks",
+                        help="comma-separated lm-eval tasks (default: the run's eval.tasks, else its training task)")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size, else 8")
     parser.add_argument("--base-only", action="store_true", help="evaluate the base model without the adapter")
@@ -324,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size
     if batch_size is None:
         p = Path(args.target)
-        batch_size = (load_run_recipe(p).get("eval", {}).get("batch_size") if (p / "config.yaml").is_file() else None) or 8
+        recipe = load_run_recipe(p) if (p / "config.yaml").is_file() else {}
+        batch_size = (recipe.get("eval") or {}).get("batch_size") or 8
     try:
         run_eval(args.target, tasks, limit, batch_size, base_only=args.base_only, base=args.base,
                  data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,

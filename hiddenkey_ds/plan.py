@@ -635,8 +635,8 @@ def _gib(x: float) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     cfg, s = plan.config, plan.config.shape
     lines = [
-        f"model {s.name}: {_count(s.total_params)} params, {s.layers} layers, hidden {s.hidden}, "
-        f"intermediate {s.intermediate}, heads {s.heads}/{s.kv_heads} kv, vocab {s.vocab}",
+        (f"model {s.name}: {_count(s.total_params)} params, {s.layers} layers, hidden {s.hidden}, "
+         f"intermediate {s.intermediate}, heads {s.heads}/{s.kv_heads} kv, vocab {s.vocab}"),
         f"{cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s) = {cfg.world_size} ranks, {cfg.gpu_mem_gib:g} GiB each | "
         f"ZeRO-{cfg.zero_stage}" + (f" ({cfg.ds_config_name})" if cfg.ds_config_name else "") +
         f" | micro-batch {cfg.micro_batch} x {cfg.seq_len} tokens"

@@ -249,18 +249,20 @@ def render_markdown(table: dict[str, Any], figures: list[str]) -> str:
     lines += ["", "## Runs", "",
               "Overfitting: validation loss at the end vs. its minimum (flagged when more than "
               f"{100 * OVERFIT_THRESHOLD:.0f}% above it).", "",
-              "| run | method | seed | steps | wall time | final train CE | val loss: best (step) → final | overfit | lm-eval |",
+              "| run | method | seed | steps | wall time | final train CE | val loss: best (step) → final | overfit "
+              "| lm-eval |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in table["runs"]:
         o = r["overfitting"]
         curve = "—" if o is None else f"{o['best_val_loss']:.3f} ({o['best_step']}) → {o['final_val_loss']:.3f}"
-        flag = "—" if o is None else (f"yes (+{100 * o['rise']:.0f}%)" if o["overfit"] else f"no (+{100 * o['rise']:.0f}%)")
+        flag = "—" if o is None else f"{'yes' if o['overfit'] else 'no'} (+{100 * o['rise']:.0f}%)"
         ce = "—" if o is None or o["final_train_ce"] is None else f"{o['final_train_ce']:.3f}"
         acc = ", ".join(f"{k.split(':', 1)[1]}{' (base)' if k.startswith('base:') else ''} {_pct(v)}"
                         for k, v in r["lm_eval"].items()) or "not evaluated"
         wall = "—" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f} s"
         steps = r["steps"] if r["finished"] else "unfinished"
-        lines.append(f"| `{r['path']}` | {r['method']} | {r['seed']} | {steps} | {wall} | {ce} | {curve} | {flag} | {acc} |")
+        lines.append(f"| `{r['path']}` | {r['method']} | {r['seed']} | {steps} | {wall} | {ce} | {curve} | {flag} "
+                     f"| {acc} |")
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -369,7 +371,8 @@ def plot_accuracy(table: dict[str, Any], path: Path) -> None:
     n_seeds = sorted({len(r["values"]) for r in rows})
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set(ylabel=f"{rows[0]['metric']} (%)" if rows else "accuracy (%)",
-           title=f"lm-eval accuracy: mean ± std over seeds (n = {', '.join(map(str, n_seeds))}); dots = seeds, ★ = best")
+           title=f"lm-eval accuracy: mean ± std over seeds (n = {', '.join(map(str, n_seeds))}); "
+                 "dots = seeds, ★ = best")
     lows = [100 * min(r["values"]) for r in rows] + [100 * b["value"] for b in base.values()]
     ax.set_ylim(max(0.0, min(lows) - 10), 100 * min(1.0, max(r["mean"] + (r["std"] or 0) for r in rows) + 0.08))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: never on a bar

@@ -129,7 +129,8 @@ def load_sweep(path: str | Path) -> Sweep:
         if not recipe:
             raise SweepError(f"{p}: methods.{name} has no recipe: set `recipe:` at the top or in the method")
         if not Path(recipe).is_file():
-            raise SweepError(f"{p}: methods.{name}: recipe {recipe} does not exist (paths are relative to {Path.cwd()})")
+            raise SweepError(
+                f"{p}: methods.{name}: recipe {recipe} does not exist (paths are relative to {Path.cwd()})")
         methods.append(Method(str(name), Path(recipe), _overrides(spec, f"{p}: methods.{name}")))
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
@@ -193,7 +194,8 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict[str, str], what: str, 
         rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        raise SweepError(f"{what} failed (exit {rc}) after {time.time() - started:.0f} s; last lines of {log_path}:\n{tail}")
+        raise SweepError(
+            f"{what} failed (exit {rc}) after {time.time() - started:.0f} s; last lines of {log_path}:\n{tail}")
     log(f"[sweep]   done in {time.time() - started:.0f} s")
 
 
@@ -224,8 +226,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> Path | None:
             # one "before" row per task, kept in the task's first run directory where the report finds it
             first = next(r for r in runs if r.task == task)
             if not (first.run_dir / "eval" / "base.json").is_file():
-                _run_logged(eval_command(first.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log", eval_env,
-                            f"{task}: lm-eval of the base model", log)
+                _run_logged(eval_command(first.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log",
+                            eval_env, f"{task}: lm-eval of the base model", log)
     if dry_run or not sweep.report:
         return None
     from hiddenkey_ds.report import write_report
@@ -236,7 +238,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hiddenkey-ds sweep", description="Run a methods x seeds x tasks grid, then report.")
+    parser = argparse.ArgumentParser(prog="hiddenkey-ds sweep",
+                                     description="Run a methods x seeds x tasks grid, then report.")
     parser.add_argument("sweep", help="sweep YAML (see recipes/sweeps/)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run states, run nothing")
     args = parser.parse_args(argv)

@@ -96,8 +96,8 @@ def test_tasks_for_recipe(tmp_path):
     assert evaluate.tasks_for_recipe({"data": {"task": "sst2", "path": "builtin:toy-sst2"}}) == (["hk_toy_sst2"], {})
     assert evaluate.tasks_for_recipe({"eval": {"tasks": ["hk_cola"]}, "data": {"task": "rte"}}) == (["hk_cola"], {})
     # named tasks still get the run's local data directory
-    assert evaluate.tasks_for_recipe({"eval": {"tasks": ["hk_rte_local"]}, "data": {"task": "rte", "path": str(local)}}) \
-        == (["hk_rte_local"], {"rte_dir": str(local.resolve())})
+    recipe = {"eval": {"tasks": ["hk_rte_local"]}, "data": {"task": "rte", "path": str(local)}}
+    assert evaluate.tasks_for_recipe(recipe) == (["hk_rte_local"], {"rte_dir": str(local.resolve())})
     with pytest.raises(evaluate.EvalError, match="sft"):
         evaluate.tasks_for_recipe({"data": {"format": "sft", "path": str(local)}})
     with pytest.raises(evaluate.EvalError, match="neither a local directory"):
@@ -191,7 +191,8 @@ def test_training_tokens_are_the_tokens_lm_eval_scores():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (RTE / "dev.jsonl").is_file(), reason=f"real GLUE RTE not present at {RTE} (../shared is not part of a clone)")
+@pytest.mark.skipif(not (RTE / "dev.jsonl").is_file(),
+                    reason=f"real GLUE RTE not present at {RTE} (../shared is not part of a clone)")
 def test_real_rte_train_then_local_file_eval(tmp_path):
     """SmolLM2-135M-Instruct on real RTE for a handful of steps, then lm-eval on the local-file task."""
     run_dir = tmp_path / "rte-run"
@@ -215,11 +216,47 @@ def test_eval_at_end_of_training(tmp_path):
     """eval.at_end=true: the loop itself writes RUN_DIR/eval/results.json for the run's task."""
     run_dir = tmp_path / "run"
     rc = subprocess.run(
-        [sys.executable, "-m", "hiddenkey_ds.train", str(ROOT / "recipes" / "tiny-lora.yaml"), f"run.output_dir={run_dir}",
-         "train.max_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_train_examples=32",
-         "data.max_eval_examples=8", "eval.at_end=true", "eval.limit=8"],
+        [sys.executable, "-m", "hiddenkey_ds.train", str(ROOT / "recipes" / "tiny-lora.yaml"),
+         f"run.output_dir={run_dir}", "train.max_steps=2", "train.eval_every=null", "train.save_every=null",
+         "data.max_train_examples=32", "data.max_eval_examples=8", "eval.at_end=true", "eval.limit=8"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900,
     )
     assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-3000:]
     result = json.loads((run_dir / "eval" / "results.json").read_text())
     assert result["hiddenkey_ds"]["tasks"] == ["hk_toy_sst2"] and result["n-samples"]["hk_toy_sst2"]["effective"] == 8
+
+
+def test_qlora_run_is_also_scored_on_its_4bit_base(tmp_path):
+    """A 4-bit recipe: results.json (full-precision base, the stock command) plus results_4bit.json when
+    bitsandbytes runs 4-bit here; the 4-bit file has no stock command (the CLI cannot pass a quantization config)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hiddenkey_ds.models import resolve_model_path
+
+    ok, why = evaluate.bnb_4bit_supported("cpu")
+    if not ok:
+        pytest.skip(f"bitsandbytes cannot run 4-bit on this CPU: {why}")
+    # bitsandbytes' CPU kernels need every linear dimension divisible by their block: all multiples of 64 here
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    run_dir = tmp_path / "qlora-run"
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        run_dir / "adapter")
+    recipe = {"model": {"name": str(tmp_path / "base"), "quantization": "4bit", "quant_type": "nf4", "dtype": "bf16"},
+              "data": {"format": "classification", "task": "sst2", "path": "builtin:toy-sst2"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe))
+    paths = evaluate.run_eval(run_dir, limit=4, batch_size=4, device="cpu", quantized="require", log=lambda *_: None)
+    assert [p.name for p in paths] == ["results.json", "results_4bit.json"]
+    full, quant = (json.loads(p.read_text()) for p in paths)
+    assert full["hiddenkey_ds"]["quantization"] == "none" and full["hiddenkey_ds"]["stock_command"]
+    assert quant["hiddenkey_ds"]["quantization"] == "4bit" and quant["hiddenkey_ds"]["stock_command"] is None
+    assert quant["n-samples"] == full["n-samples"] and set(quant["results"]) == {"hk_toy_sst2"}
+    assert quant["hiddenkey_ds"]["linear4bit_layers"] == 2 * 7  # every q/k/v/o/gate/up/down of both layers

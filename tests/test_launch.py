@@ -318,6 +318,6 @@ def test_two_loopback_nodes_match_the_single_node_run(single_node_run, tmp_path)
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     got, want = train_losses(run_dir), train_losses(ref_dir)
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3]
-    for (_, a), (_, b) in zip(got, want):
+    for (_, a), (_, b) in zip(got, want, strict=True):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
     assert {"node0.log", "node1.log", "rank0.log", "rank1.log"} <= {p.name for p in (run_dir / "logs").iterdir()}

