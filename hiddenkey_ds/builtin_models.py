@@ -19,6 +19,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,13 +72,34 @@ def ensure_built(name: str, version: int, build: Callable[[Path], dict]) -> Path
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
-            info = build(tmp)
+            info = _build_outside_distributed(build, tmp)
+            if not any(tmp.glob("*.safetensors")):
+                raise BuiltinModelError(f"building {name} wrote no weights into {tmp}")
             (tmp / MARKER).write_text(json.dumps({"name": name, "version": version, **info}, indent=2))
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def _build_outside_distributed(build: Callable[[Path], dict], directory: Path) -> dict:
+    """Run ``build(directory)``; inside a distributed run, in a fresh process. transformers' save_pretrained
+    silently skips the weights on every rank but 0 once torch.distributed is initialized, and whichever rank
+    takes the lock first builds the model."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return build(directory)
+    code = ("import json, sys; from pathlib import Path; import hiddenkey_ds.builtin_models as b; "
+            "print(json.dumps(getattr(b, sys.argv[1])(Path(sys.argv[2]))))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code, build.__name__, str(directory)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BuiltinModelError(f"building into {directory} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -- builtin:tiny-llama ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Fine-tune with LoRA / QLoRA and a point of the dropout framework, under DeepSpeed.
 
     python -m hiddenkey_ds.train RECIPE.yaml [key=value ...]                 # one process
-    deepspeed --num_gpus 8 -m hiddenkey_ds.train RECIPE.yaml [key=value ...]  # the same, N ranks
+    deepspeed --num_gpus 8 --module hiddenkey_ds.train RECIPE.yaml [key=value ...]  # the same, N ranks
     torchrun --nproc_per_node 8 -m hiddenkey_ds.train RECIPE.yaml ...
 
 Every rank runs this file top to bottom; rank 0 alone prints and writes run-level files.
@@ -216,6 +216,8 @@ def train(recipe_path: str, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher adds --local_rank=N unless given --no_local_rank; LOCAL_RANK carries the same
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     if not argv or argv[0] in {"-h", "--help"}:
         print(USAGE)
         return 0 if argv else 2

@@ -86,7 +86,7 @@ TEMPLATES: dict[str, TaskTemplate] = {
               "{question}\n{sentence}\nQuestion: Does this response answer the question?\nAnswer:", (" yes", " no")),
         # super_glue/boolq: 0 = False, 1 = True
         TaskTemplate("boolq", ("passage", "question"), "{passage}\nQuestion: {question}?\nAnswer:", (" no", " yes"),
-                     hub_path="super_glue", hub_name="boolq"),
+                     hub_path="aps/super_glue", hub_name="boolq"),
     )
 }
 
