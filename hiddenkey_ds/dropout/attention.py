@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -59,7 +60,7 @@ def _rows_without_kept_key(visible: torch.Tensor, keep: torch.Tensor) -> torch.T
     return counts == 0
 
 
-def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Additive float mask (B, H, Q, K) for sdpa: 0 kept, -DROPKEY_FILL dropped, finfo.min invisible.
 
     A query whose visible keys are all dropped keeps them. With a fill distinct from the causal one such a
@@ -67,6 +68,8 @@ def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype)
     up to rounding; defining it as "not dropped" makes that exact and is the same rule DropAttention's
     normalized rescaling needs (it has no kept mass to divide by)."""
     neg_min = torch.finfo(dtype).min
+    if keep is None:  # no DropKey: the causal/padding mask alone
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, neg_min)
     drop = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, -DROPKEY_FILL)
     mask = torch.where(visible, drop, neg_min)
     b, h, q = _rows_without_kept_key(visible, keep).nonzero(as_tuple=True)
@@ -74,6 +77,11 @@ def _dropkey_mask(visible: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype)
         vis_rows = visible[b if visible.shape[0] > 1 else torch.zeros_like(b), 0, q]   # (n, K)
         mask[b, h, q] = torch.where(vis_rows, 0.0, neg_min).to(dtype)
     return mask
+
+
+def _dropkey_attention(query, key, value, visible, keep, dropout: float, scaling: float | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=_dropkey_mask(visible, keep, query.dtype),
+                                          dropout_p=dropout, scale=scaling)
 
 
 def _rescale_weights(weights: torch.Tensor, keep: torch.Tensor, rescale: str, expected: float) -> torch.Tensor:
@@ -117,22 +125,21 @@ def hiddenkey_attention_forward(
     k_len = key.shape[2]
     visible = _visible(attention_mask, q_len, k_len, query.device)
 
-    if cfg.key.rate > 0:
-        keep = attention_keep(cfg.key.pattern, cfg.key.rate, batch, heads, q_len, k_len, query.device)
-        logit_mask = _dropkey_mask(visible, keep, query.dtype)
-    else:
-        logit_mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-        logit_mask.masked_fill_(~visible, torch.finfo(query.dtype).min)
+    keep = (attention_keep(cfg.key.pattern, cfg.key.rate, batch, heads, q_len, k_len, query.device)
+            if cfg.key.rate > 0 else None)
 
     if cfg.attention.rate == 0:
-        # DropKey alone stays on the fused kernel: the drop is one more additive mask
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=logit_mask, dropout_p=dropout,
-                                             scale=scaling)
+        # DropKey alone stays on the fused kernel: the drop is one more additive mask. The (B, H, Q, K) mask
+        # is built inside a checkpoint so that backward rebuilds it instead of every layer keeping its own
+        # (2 GiB per layer for LLaMA-2-7B at 4 x 2048 tokens in the dual pass); only the small keep-mask is
+        # saved.
+        out = checkpoint(_dropkey_attention, query, key, value, visible, keep, dropout, scaling,
+                         use_reentrant=False)
         return out.transpose(1, 2).contiguous(), None
 
     # DropAttention acts on the softmax output, so the weights must be materialized
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    logits = torch.matmul(query, key.transpose(2, 3)) * scale + logit_mask
+    logits = torch.matmul(query, key.transpose(2, 3)) * scale + _dropkey_mask(visible, keep, query.dtype)
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
     att = cfg.attention
     keep = attention_keep(att.pattern, att.rate, batch, heads, q_len, k_len, query.device)
