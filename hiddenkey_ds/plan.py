@@ -233,8 +233,12 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
     else:
         # sdpa keeps q, k, v, its output and an fp32 logsumexp per head; k/v are expanded to every query head
         # whenever a mask is passed (stock sdpa with padding, or the DropKey path). The fused kernels lay their
-        # output out as (B, S, H, d), so o_proj's input is that same storage
-        total += d * (q + (2 * q if expanded else 2 * kv) + q) + 4 * s.heads
+        # output out as (B, S, H, d), so o_proj's input is that same storage. DropKey runs sdpa inside a
+        # checkpoint: only its inputs are kept, the output and logsumexp are recomputed in backward
+        total += d * (q + (2 * q if expanded else 2 * kv))
+        total += 0 if cfg.key_dropout else d * q + 4 * s.heads
+        # o_proj's input stays counted as sdpa's output storage (below): with DropKey's checkpoint it is kept only
+        # by an adapted o_proj; the measured ZeRO-3 DropKey peaks (tests/test_plan.py) match without adding it
     # inputs of the linear layers, by the tensor they read: q/k/v share the normed x, gate/up the normed x
     for mods, width, shared_with_sdpa in (({"q_proj", "k_proj", "v_proj"}, h, False),
                                           ({"o_proj"}, q, not cfg.attention_dropout),
@@ -254,8 +258,8 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
 
 
 def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
-    """The (S x S) tensors one layer keeps for backward, per (sequence, head): DropKey's additive logit mask
-    in the compute dtype, saved by sdpa; DropAttention's fp32 softmax output, bool keep-mask, masked fp32
+    """The (S x S) tensors one layer keeps for backward, per (sequence, head): DropKey none (its mask is
+    rebuilt in backward); DropAttention's fp32 softmax output, bool keep-mask, masked fp32
     weights and the renormalized weights the value matmul keeps; without either, a padding mask."""
     s2 = cfg.seq_len ** 2
     per = 0.0
@@ -264,7 +268,9 @@ def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
         # compute dtype that the value matmul keeps
         per = 4 + 1 + 4 + cfg.dtype_bytes
     elif cfg.key_dropout:
-        per = cfg.dtype_bytes
+        # DropKey builds its additive mask inside a checkpoint around sdpa and rebuilds it in backward: a layer
+        # keeps only the (B, H, 1, S) bool keep-mask and, without padding, its own bool causal mask
+        return sequences * cfg.shape.heads * cfg.seq_len + (0 if cfg.padded else s2)
     elif cfg.padded:
         # stock sdpa with a padding mask: torch turns the bool (B, 1, S, S) mask into an additive one in the
         # compute dtype in every layer's call, and keeps that copy for backward (one per layer, no head axis)
@@ -389,9 +395,10 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     # output require grad) and the final RMSNorm's input
     ckpt_saved = s.layers * s.hidden * d * tokens + (4 * s.hidden + 4) * tokens + head_inputs
     saved = ckpt_saved if cfg.gradient_checkpointing else full_saved
-    # while a layer builds its DropKey mask: the causal/padding visibility (bool) and its fp32 copy for the
-    # all-dropped-row count, (B|1, S, S) each
-    mask_build = (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 5 if cfg.key_dropout else 0.0
+    # while a layer builds its DropKey mask (forward, and again in backward): the (B, H, S, S) additive mask in
+    # the compute dtype next to the fp32 copy of the visibility used for the all-dropped-row count
+    mask_build = ((seqs * s.heads * cfg.seq_len ** 2 * d + (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 4)
+                  if cfg.key_dropout and not cfg.attention_dropout else 0.0)
     recompute = per_layer if cfg.gradient_checkpointing else 0.0
     head = loss_head_bytes(cfg, sup_per_pass)
     bwd = backward_working_bytes_per_token(cfg) * tokens
