@@ -60,7 +60,12 @@ def method_label(recipe: dict[str, Any]) -> str:
     cfg = DropoutConfig(**raw)
     label = PRESET_LABELS.get(cfg.preset, cfg.preset)
     if cfg != DropoutConfig(preset=cfg.preset):
-        label = f"{label} [{cfg.describe()}]"
+        # compact enough for a plot legend, yet distinct for every setting (position, pattern, rate, loss)
+        parts = [f"{pos} {getattr(cfg, pos).pattern[:3]} {getattr(cfg, pos).rate:g}"
+                 for pos in ("key", "attention", "hidden") if getattr(cfg, pos).rate]
+        if cfg.dual_pass:
+            parts.append(f"{cfg.consistency} {cfg.alpha:g}")
+        label = f"{label} ({', '.join(parts) or 'no dropout'})"
     lora_dropout = (recipe.get("lora") or {}).get("dropout", 0.0) or 0.0
     if lora_dropout:
         label = f"{label} + lora_dropout {lora_dropout:g}"
