@@ -90,7 +90,9 @@ def test_cli_renders_into_out_dir(tiny, tmp_path, capsys):
 def test_method_labels_follow_the_paper():
     assert report_mod.method_label({"dropout": {"preset": "none"}}) == "LoRA"
     assert report_mod.method_label({"dropout": {"preset": "hiddenkey"}}) == "HiddenKey"
-    assert report_mod.method_label({"dropout": {"preset": "dropkey", "key": {"rate": 0.3}}}).startswith("DropKey [")
+    assert report_mod.method_label({"dropout": {"preset": "dropkey", "key": {"rate": 0.3}}}) == "DropKey (key ele 0.3)"
+    hk = {"dropout": {"preset": "hiddenkey", "key": {"rate": 0.05}, "hidden": {"rate": 0.02}}}
+    assert report_mod.method_label(hk) == "HiddenKey (key col 0.05, hidden ele 0.02, kl 1)"
     with_lora_dropout = {"dropout": {"preset": "none"}, "lora": {"dropout": 0.1}}
     assert report_mod.method_label(with_lora_dropout) == "LoRA + lora_dropout 0.1"
 
