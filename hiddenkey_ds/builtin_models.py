@@ -73,7 +73,7 @@ def ensure_built(name: str, version: int, build: Callable[[Path], dict]) -> Path
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
             info = _build_outside_distributed(build, tmp)
-            if not any(tmp.glob("*.safetensors")):
+            if not any(tmp.glob("*.safetensors")) and not any(tmp.glob("*.bin")):
                 raise BuiltinModelError(f"building {name} wrote no weights into {tmp}")
             (tmp / MARKER).write_text(json.dumps({"name": name, "version": version, **info}, indent=2))
             os.replace(tmp, final)
