@@ -24,6 +24,7 @@ import itertools
 import sys
 from dataclasses import dataclass, field, replace
 
+from hiddenkey_ds.dropout.config import REBUILD_MASK_BYTES
 from hiddenkey_ds.model_shapes import LINEAR_MODULES, ModelShape, resolve_shape
 
 GIB = 1024**3
@@ -210,6 +211,15 @@ def dropout_mask_bytes(cfg: PlanConfig) -> int:
     return 1 if cfg.device == "gpu" else cfg.dtype_bytes
 
 
+def dropkey_rebuilds_mask(cfg: PlanConfig) -> bool:
+    """Whether DropKey builds its mask inside a checkpoint (rebuilt in backward) or lets sdpa keep it: the
+    rule of hiddenkey_ds.dropout.attention, on one layer's (sequences, heads, S, S) mask."""
+    if not cfg.key_dropout or cfg.attention_dropout:
+        return False
+    sequences = cfg.micro_batch * (2 if cfg.dual_pass else 1)
+    return sequences * cfg.shape.heads * cfg.seq_len ** 2 * cfg.dtype_bytes > REBUILD_MASK_BYTES
+
+
 def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
     """Bytes one token keeps alive for backward in one decoder layer (without the (S x S) masks).
 
@@ -236,7 +246,7 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
         # output out as (B, S, H, d), so o_proj's input is that same storage. DropKey runs sdpa inside a
         # checkpoint: only its inputs are kept, the output and logsumexp are recomputed in backward
         total += d * (q + (2 * q if expanded else 2 * kv))
-        total += 0 if cfg.key_dropout else d * q + 4 * s.heads
+        total += 0 if dropkey_rebuilds_mask(cfg) else d * q + 4 * s.heads
         # o_proj's input stays counted as sdpa's output storage (below): with DropKey's checkpoint it is kept only
         # by an adapted o_proj; the measured ZeRO-3 DropKey peaks (tests/test_plan.py) match without adding it
     # inputs of the linear layers, by the tensor they read: q/k/v share the normed x, gate/up the normed x
@@ -268,8 +278,10 @@ def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
         # compute dtype that the value matmul keeps
         per = 4 + 1 + 4 + cfg.dtype_bytes
     elif cfg.key_dropout:
-        # DropKey builds its additive mask inside a checkpoint around sdpa and rebuilds it in backward: a layer
-        # keeps only the (B, H, 1, S) bool keep-mask and, without padding, its own bool causal mask
+        if not dropkey_rebuilds_mask(cfg):
+            return sequences * cfg.shape.heads * s2 * cfg.dtype_bytes  # a small mask: sdpa keeps it
+        # a large one is built inside a checkpoint around sdpa and rebuilt in backward: a layer keeps only the
+        # (B, H, 1, S) bool keep-mask and, without padding, its own bool causal mask
         return sequences * cfg.shape.heads * cfg.seq_len + (0 if cfg.padded else s2)
     elif cfg.padded:
         # stock sdpa with a padding mask: torch turns the bool (B, 1, S, S) mask into an additive one in the
@@ -397,7 +409,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     saved = ckpt_saved if cfg.gradient_checkpointing else full_saved
     # while a layer builds its DropKey mask (forward, and again in backward): the (B, H, S, S) additive mask in
     # the compute dtype next to the fp32 copy of the visibility used for the all-dropped-row count
-    mask_build = ((seqs * s.heads * cfg.seq_len ** 2 * d + (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 4)
+    mask_build = (((seqs * s.heads * cfg.seq_len ** 2 * d if dropkey_rebuilds_mask(cfg) else 0.0)
+                   + (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 4)
                   if cfg.key_dropout and not cfg.attention_dropout else 0.0)
     recompute = per_layer if cfg.gradient_checkpointing else 0.0
     head = loss_head_bytes(cfg, sup_per_pass)
