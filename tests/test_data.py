@@ -2,39 +2,31 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from hiddenkey_ds.config import RecipeError, load_recipe
+from hiddenkey_ds.config import RecipeError
 from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
 from hiddenkey_ds.data.encoding import IGNORE_INDEX, encode_pair
 from hiddenkey_ds.data.templates import SKIPPED, TEMPLATES, get_template
 from hiddenkey_ds.data.toy import toy_sst2_rows
+from tiny_models import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RECIPE = REPO / "recipes" / "tiny-lora.yaml"
 GLUE = REPO.parent / "shared" / "data" / "glue"
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok(builtin_cache):
     """The builtin tiny tokenizer, from the session's builtin cache (shared with test_models.py)."""
-    old = os.environ.get("HIDDENKEY_DS_CACHE")
-    os.environ["HIDDENKEY_DS_CACHE"] = str(tmp_path_factory.getbasetemp() / "hiddenkey_ds_cache")
     from hiddenkey_ds.models import load_tokenizer
 
-    yield load_tokenizer(load_recipe(TINY_RECIPE, check_output_dir=False))
-    if old is None:
-        os.environ.pop("HIDDENKEY_DS_CACHE", None)
-    else:
-        os.environ["HIDDENKEY_DS_CACHE"] = old
+    return load_tokenizer(_recipe())
 
 
-def _recipe(*overrides):
-    return load_recipe(TINY_RECIPE, list(overrides), check_output_dir=False)
+_recipe = tiny_recipe
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from pathlib import Path
@@ -12,28 +11,18 @@ import torch
 
 from hiddenkey_ds import builtin_models
 from hiddenkey_ds.builtin_models import BuiltinModelError, builtin_path, ensure_built
-from hiddenkey_ds.config import load_recipe
 from hiddenkey_ds.models import ModelLoadError, load_model, resolve_model_path
+from tiny_models import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RECIPE = REPO / "recipes" / "tiny-lora.yaml"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One builtin cache for the session (test_data.py uses the same directory), restored afterwards."""
-    root = tmp_path_factory.getbasetemp() / "hiddenkey_ds_cache"
-    old = os.environ.get("HIDDENKEY_DS_CACHE")
-    os.environ["HIDDENKEY_DS_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("HIDDENKEY_DS_CACHE", None)
-    else:
-        os.environ["HIDDENKEY_DS_CACHE"] = old
+def cache(builtin_cache):
+    return builtin_cache
 
 
-def _recipe(*overrides):
-    return load_recipe(TINY_RECIPE, list(overrides), check_output_dir=False)
+_recipe = tiny_recipe
 
 
 def _digest(directory: Path) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """Tiny random decoders of the three architectures the dropout framework is tested on."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -36,3 +38,13 @@ def padded_batch(side: str, seed: int = 0, batch: int = 3, seq: int = 12):
                 else:
                     mask[row, seq - pad:] = 0
     return ids, mask
+
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-lora.yaml"
+
+
+def tiny_recipe(*overrides: str):
+    """recipes/tiny-lora.yaml with key=value overrides, its output directory not checked."""
+    from hiddenkey_ds.config import load_recipe
+
+    return load_recipe(TINY_RECIPE, list(overrides), check_output_dir=False)
