@@ -24,34 +24,10 @@ except ImportError:  # a checkout used without `pip install -e .`: the package s
 TASKS = ("rte", "mrpc", "sst2", "cola", "qnli", "boolq")
 
 
-def _text(task: str):
-    template = get_template(task)
-
-    def doc_to_text(doc: dict) -> str:
-        return template.render_prompt(doc)
-
-    doc_to_text.__name__ = f"doc_to_text_{task}"
-    return doc_to_text
-
-
-def _choices(task: str):
-    template = get_template(task)
-
-    def doc_to_choice(doc: dict) -> list[str]:
-        return list(template.choices)
-
-    doc_to_choice.__name__ = f"doc_to_choice_{task}"
-    return doc_to_choice
-
-
-def _target(task: str):
-    template = get_template(task)
-
-    def doc_to_target(doc: dict) -> int:
-        return template.label_id(doc)
-
-    doc_to_target.__name__ = f"doc_to_target_{task}"
-    return doc_to_target
+def _named(function, name: str):
+    """lm-eval resolves `!function utils.NAME`; the bound function carries that name too."""
+    function.__name__ = name
+    return function
 
 
 def find_split_files(data_dir: str | os.PathLike) -> dict[str, Path]:
@@ -124,8 +100,10 @@ def load_toy_sst2(**metadata):
 
 # The names the YAMLs reference (`!function utils.doc_to_text_rte`, ...), one set per task.
 for _task in TASKS:
-    globals()[f"doc_to_text_{_task}"] = _text(_task)
-    globals()[f"doc_to_choice_{_task}"] = _choices(_task)
-    globals()[f"doc_to_target_{_task}"] = _target(_task)
+    _template = get_template(_task)
+    for _name, _function in (("doc_to_text", lambda doc, t=_template: t.render_prompt(doc)),
+                             ("doc_to_choice", lambda doc, t=_template: list(t.choices)),
+                             ("doc_to_target", lambda doc, t=_template: t.label_id(doc))):
+        globals()[f"{_name}_{_task}"] = _named(_function, f"{_name}_{_task}")
     globals()[f"load_{_task}_local"] = _local(_task)
-del _task
+del _task, _template, _name, _function
