@@ -213,9 +213,14 @@ def _task_of_data(data: Any) -> tuple[list[str], dict[str, str]]:
 
 def model_args(target: Target, adapter: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
     """The HF model arguments, exactly as the stock command gets them (values are strings)."""
-    from hiddenkey_ds.models import resolve_model_path
+    from hiddenkey_ds.builtin_models import BuiltinModelError
+    from hiddenkey_ds.models import ModelLoadError, resolve_model_path
 
-    args: dict[str, Any] = {"pretrained": resolve_model_path(target.base)}
+    try:
+        args: dict[str, Any] = {"pretrained": resolve_model_path(target.base)}
+    except (ModelLoadError, BuiltinModelError) as err:
+        hint = "" if "hint:" in str(err) else " (hint: --base takes builtin:NAME, a local HF model directory or a hub id)"
+        raise EvalError(f"base model: {err}{hint}") from None
     if adapter is not None:
         args["peft"] = str(adapter)
     if dtype:
@@ -283,10 +288,15 @@ def _evaluate(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str],
         import bitsandbytes as bnb
 
         facts["linear4bit_layers"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.model.modules())
-    results = simple_evaluate(
-        model=model, model_args=plain, tasks=tasks, limit=limit, batch_size=batch_size, device=device,
-        task_manager=manager, log_samples=False, metadata=metadata,
-    )
+    try:
+        results = simple_evaluate(
+            model=model, model_args=plain, tasks=tasks, limit=limit, batch_size=batch_size, device=device,
+            task_manager=manager, log_samples=False, metadata=metadata,
+        )
+    except OSError as err:  # transformers' way of saying a model / adapter / tokenizer cannot be found or read
+        raise EvalError(f"lm-eval could not load the model ({plain['pretrained']}, adapter {plain.get('peft', '-')}): "
+                        f"{str(err).splitlines()[0]} (hint: a hub id needs network or the HF cache; pass --base with a "
+                        "local model directory or builtin:NAME)") from None
     if results is None:  # non-zero ranks under torch.distributed
         raise EvalError("lm-eval returned no results (run evaluation in one process, not under a launcher)")
     results.pop("samples", None)

@@ -798,9 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="*", help="run directories (each with config.yaml, metrics.jsonl, eval/)")
     parser.add_argument("--sweep", help="a sweep file: report its runs (those trained so far) under its method names")
     parser.add_argument("--out", default=None, help="output directory (default: ./report, or OUT/report of --sweep)")
-    parser.add_argument("--primary", choices=KINDS, default="best",
+    parser.add_argument("--primary", choices=KINDS, default=None,
                         help="which lm-eval score leads the report: best (the best-validation checkpoint, the "
-                             "paper's protocol; default) or final (the final adapter); both are always shown")
+                             "paper's protocol; default, or the sweep's `primary`) or final (the final adapter); "
+                             "both are always shown")
     parser.add_argument("--baseline", help="method the others are compared with (default: the one named lora, else "
                                            "the only one without dropout)")
     args = parser.parse_args(argv)
@@ -822,9 +823,10 @@ def main(argv: list[str] | None = None) -> int:
             run_dirs += [r.run_dir for r in started]
             out = args.out or str(sweep.out_dir / "report")
             args.baseline = args.baseline or sweep.baseline
+            args.primary = args.primary or sweep.primary
         if not run_dirs:
             raise ReportError("no run directories (hint: hiddenkey-ds report RUN_DIR... or --sweep SWEEP.yaml)")
-        report = write_report(run_dirs, out, labels=labels, tasks=variants, primary=args.primary,
+        report = write_report(run_dirs, out, labels=labels, tasks=variants, primary=args.primary or "best",
                               baseline=args.baseline)
     except ReportError as err:
         print(f"hiddenkey-ds report: error: {err}", file=sys.stderr)

@@ -613,7 +613,8 @@ def render_selection(selection: dict[str, Any]) -> str:
             lines += [f"### {task} / {family}: " + (f"**{s['chosen']}**" if s["chosen"] else "no complete setting yet"),
                       ""]
             if s["chosen"]:
-                lines += [f"Overrides: `{' '.join(s['overrides'])}`", ""]
+                lines += [f"Overrides: `{' '.join(s['overrides'])}`; its runs alone: "
+                          f"`--only task={task},method={s['chosen']}`", ""]
             axes = list(s["candidates"][0]["grid"]) if s["candidates"] else []
             lines += ["| setting | " + " | ".join(axes) + " | seeds | best val acc per seed (%) | mean (%) "
                       "| mean val loss |", "|---|" + "---|" * len(axes) + "---|---|---|---|"]

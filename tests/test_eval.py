@@ -249,6 +249,10 @@ def test_cli_errors_are_precise(adapter, tmp_path, capsys):
     (tmp_path / "half" / "config.yaml").write_text(tiny_recipe(out=str(tmp_path / "half")).to_yaml())
     with pytest.raises(evaluate.EvalError, match="no final adapter.*not finished"):
         evaluate.resolve_target(str(tmp_path / "half"))
+    assert evaluate.main([str(adapter), "--base", "builtin:nope", "--tasks", "hk_toy_sst2", "--out",
+                          str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown builtin model 'builtin:nope'" in err and "hint:" in err and not (tmp_path / "out").exists()
     assert get_template("rte").choices == (" True", " False")
 
 
