@@ -449,7 +449,12 @@ def build_table(runs: list[Run], primary: str = "best", baseline: str | None = N
         for stem in ("base", *KIND_FILES.values()):
             for task in (run.evals.get(stem) or {}).get("results", {}):
                 settings.setdefault(run.key(task), eval_settings(run.evals[stem]))
-    return {"primary": primary, "baseline": base_name, "scores": tables, "base": base, "methods": per_method,
+    requested = primary
+    other = next(k for k in KINDS if k != primary)
+    if not tables[primary] and tables[other]:
+        # e.g. runs trained without a validation split keep no best adapter: lead with what exists, and say so
+        primary = other
+    return {"primary": primary, "requested_primary": requested, "baseline": base_name, "scores": tables, "base": base, "methods": per_method,
             "paper": paper, "paper_citation": PAPER_CITATION if paper else None, "eval_settings": settings,
             "runs": [_run_row(r) for r in runs]}
 
@@ -561,7 +566,11 @@ def render_markdown(table: dict[str, Any], figures: list[str], extra: list[str] 
               + (f"lm-eval settings: {settings}." if settings else ""), ""]
     for i, kind in enumerate((primary, other)):
         title = f"## {'Headline' if i == 0 else 'Also'}: {KIND_TITLES[kind]} ({KIND_FILES[kind]}.json)"
-        lines += [title, ""] + _score_table(table, kind, methods)
+        lines += [title, ""]
+        if i == 0 and kind != table["requested_primary"]:
+            lines += [f"The {KIND_TITLES[table['requested_primary']]} scores were asked to lead, but no run has "
+                      f"{KIND_FILES[table['requested_primary']]}.json, so the {KIND_TITLES[kind]} scores lead.", ""]
+        lines += _score_table(table, kind, methods)
         if kind == "best" and table["scores"]["best"]:
             leaky = [r for r in table["runs"] if r["selected_on_eval_data"] and "results_best" in
                      {k.split(":", 1)[0] for k in r["lm_eval"]}]

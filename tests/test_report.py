@@ -44,7 +44,10 @@ def test_table_is_the_metrics_it_read(tiny):
     lora = {0: _acc(run_dirs[0]), 1: _acc(run_dirs[1])}
     hk = {0: _acc(run_dirs[2]), 1: _acc(run_dirs[3])}
     table = strict_load((report.parent / "report.json").read_text())
-    assert table["baseline"] == "lora" and table["primary"] == "best"
+    assert table["baseline"] == "lora" and table["requested_primary"] == "best"
+    # runs that kept adapter_best/ lead with its scores; without one the final scores lead
+    kept_best = any((d / "adapter_best").is_dir() for d in run_dirs)
+    assert table["primary"] == ("best" if kept_best else "final")
     # grouped by the sweep's method names, not by labels recomputed from the dropout settings
     rows = {(r["task"], r["method"]): r for r in table["scores"]["final"]}
     assert set(rows) == {("hk_toy_sst2", "lora"), ("hk_toy_sst2", "hiddenkey")}
@@ -191,7 +194,12 @@ def test_one_seed_says_no_test_and_a_missing_number_is_null_not_nan(tmp_path):
     assert report_mod.strict_json({"a": [float("nan"), float("inf"), 1.5]}) == {"a": [None, None, 1.5]}
     assert table["methods"][0]["wall_time_s_mean"] is None
     assert "n<2: no test (n=1 seed run with both)" in report.read_text()
-    assert "No run has results_best.json" in report.read_text()
+    # no run kept a best adapter: the final scores lead, and the report says why
+    assert table["primary"] == "final" and table["requested_primary"] == "best"
+    md = report.read_text()
+    assert md.index("## Headline: final adapter") < md.index("## Also: best-validation checkpoint")
+    assert "no run has results_best.json, so the final adapter scores lead" in md
+    assert "No run has results_best.json" in md
 
 
 def test_methods_whose_dropout_labels_coincide_do_not_collide(tmp_path):
