@@ -482,9 +482,11 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict[str, str], what: str, 
     log(f"[sweep]   done in {time.time() - started:.0f} s")
 
 
-def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, only: dict[str, list[str]] | None = None) -> Path | None:
+def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, only: dict[str, list[str]] | None = None,
+              evaluate: bool = True) -> Path | None:
     """Train, evaluate and report every run of the grid (or the `only` subset); returns the report path (None
-    without a report)."""
+    without a report). `evaluate=False` trains only: a grid stage that is chosen on validation needs no lm-eval,
+    and a later run of the same sweep evaluates what is then selected."""
     every = sweep.runs()
     runs = [r for r in every if selected(r, only or {})]
     logs = sweep.out_dir / "logs"
@@ -508,11 +510,11 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, only: dict[str, li
                 log(f"[sweep] {head}: would evaluate: "
                     f"{shlex.join(eval_command(run.run_dir, sweep, adapter=missing_evaluations(run.run_dir, adapter)))}")
             continue
-        todo = missing_evaluations(run.run_dir, adapter)
+        todo = missing_evaluations(run.run_dir, adapter) if evaluate else None
         if todo:
             _run_logged(eval_command(run.run_dir, sweep, adapter=todo), logs / f"{run.name}.eval.log", eval_env,
                         f"{head}: lm-eval ({todo} adapter{'s' if todo == 'both' else ''})", log)
-    if sweep.eval.get("base", True) and not dry_run:
+    if sweep.eval.get("base", True) and not dry_run and evaluate:
         for task in dict.fromkeys(r.task for r in runs):
             # one "before" row per task, kept in a run directory of the task where the report finds it
             of_task = [r for r in every if r.task == task]
@@ -651,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select", action="store_true",
                         help="run nothing: pick each grid's setting per task by mean best validation accuracy over "
                              "seeds; print it and write OUT/selection.json")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="train (and select, report) only: no lm-eval, e.g. for a grid stage chosen on validation")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
@@ -664,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             print(f"selection: {path.resolve()}")
             return 0
-        report = run_sweep(sweep, dry_run=args.dry_run, only=only)
+        report = run_sweep(sweep, dry_run=args.dry_run, only=only, evaluate=not args.no_eval)
     except RunFailed as err:
         print(f"hiddenkey-ds sweep: error: {err}", file=sys.stderr)
         return 1

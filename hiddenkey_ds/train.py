@@ -120,6 +120,7 @@ def evaluate(engine, eval_ds, collate, micro_batch_size: int) -> dict[str, float
 def train(recipe_path: str, overrides: list[str]) -> int:
     import deepspeed
 
+    from hiddenkey_ds.best_adapter import BestAdapter
     from hiddenkey_ds.checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
     from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
     from hiddenkey_ds.ds_config import lr_scheduler_factory, resolve_ds_config
@@ -159,10 +160,12 @@ def train(recipe_path: str, overrides: list[str]) -> int:
     log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
     log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
     step, epoch, consumed = 0, 0, 0  # optimizer steps done; epoch; micro-batches consumed in it
+    best = BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None)
     resume_from = latest_checkpoint(run_dir) if recipe.run.resume else None
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        best.best = state.get("best")
         log.truncate_after(step)
         log.info(f"resumed from {resume_from} at step {step}")
     else:
@@ -193,18 +196,23 @@ def train(recipe_path: str, overrides: list[str]) -> int:
             log.train_line(step, window.reduce(), lr)
             window = log.new_window()
         if eval_ds is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            log.eval_line(step, evaluate(engine, eval_ds, collate, t.micro_batch_size))
+            metrics = evaluate(engine, eval_ds, collate, t.micro_batch_size)
+            log.eval_line(step, metrics)
+            best.consider(model, step, metrics)
         if t.save_every and step % t.save_every == 0 and step < total_steps:
-            save_checkpoint(engine, run_dir, step, {"step": step, "epoch": epoch, "consumed": consumed}, t.keep_checkpoints)
+            save_checkpoint(engine, run_dir, step, {"step": step, "epoch": epoch, "consumed": consumed,
+                                                    "best": best.state()}, t.keep_checkpoints)
     log.close_progress()
 
     final_eval = evaluate(engine, eval_ds, collate, t.micro_batch_size) if eval_ds is not None else None
     if final_eval is not None:
         log.eval_line(step, final_eval)
-    save_checkpoint(engine, run_dir, step, {"step": step, "epoch": epoch, "consumed": consumed}, t.keep_checkpoints)
-    save_adapter(model, run_dir / "adapter")
+        best.consider(model, step, final_eval)
+    save_checkpoint(engine, run_dir, step, {"step": step, "epoch": epoch, "consumed": consumed,
+                                            "best": best.state()}, t.keep_checkpoints)
+    save_adapter(model, run_dir / "adapter", meta={"kind": "final", "step": step})
     if rank == 0:
-        log.finish(step, final_eval)
+        log.finish(step, final_eval, best.state())
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0 and recipe.eval.at_end:
