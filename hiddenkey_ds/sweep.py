@@ -553,22 +553,36 @@ CRITERION = ("mean over seeds of each run's best validation accuracy (summary.js
              "ties: lower mean validation loss at those steps; lm-eval scores are never used")
 
 
-def select(sweep: Sweep) -> dict[str, Any]:
-    """Per task and grid method: every setting's best validation accuracy per seed, and the setting chosen."""
+def select(sweep: Sweep, only: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Per task and grid method: every setting's best validation accuracy per seed, and the setting chosen.
+
+    Settings are compared on one set of seeds: those of `only` (seed=...), else every seed that any setting of the
+    grid has finished on that task (so a grid stage run with --only seed=0,seed=1 is judged on seeds 0 and 1). A
+    setting missing one of them is listed, not chosen."""
     from hiddenkey_ds.report import ReportError, load_run
 
     if not sweep.grid_families:
         raise SweepError("this sweep has no grid methods: --select picks among a grid's settings (hint: give a "
                          "method a `grid:` of axes)")
-    out: dict[str, Any] = {"sweep": sweep.name, "criterion": CRITERION, "seeds": sweep.seeds, "tasks": {}}
-    for task in sweep.tasks:
+    only = only or {}
+    if "method" in only:
+        raise SweepError("--select compares every setting of each grid: --only takes task= and seed= here, "
+                         "not method=")
+    seeds = [s for s in sweep.seeds if not only.get("seed") or any(fnmatch.fnmatchcase(str(s), p)
+                                                                     for p in only["seed"])]
+    tasks = [t for t in sweep.tasks if not only.get("task") or any(fnmatch.fnmatchcase(t, p) for p in only["task"])]
+    out: dict[str, Any] = {"sweep": sweep.name, "criterion": CRITERION, "tasks": {}}
+    for task in tasks:
         for family, settings in sweep.grid_families.items():
+            finished = {(m.name, seed): PlannedRun(sweep, task, m, seed).run_dir for m in settings for seed in seeds
+                        if (PlannedRun(sweep, task, m, seed).run_dir / "summary.json").is_file()}
+            judged = seeds if only.get("seed") else [s for s in seeds if any(k[1] == s for k in finished)]
             candidates, warnings = [], set()
             for m in settings:
                 accs, losses, done = {}, {}, []
-                for seed in sweep.seeds:
-                    run_dir = PlannedRun(sweep, task, m, seed).run_dir
-                    if not (run_dir / "summary.json").is_file():
+                for seed in judged:
+                    run_dir = finished.get((m.name, seed))
+                    if run_dir is None:
                         continue
                     try:
                         run = load_run(run_dir, m.name)
@@ -590,30 +604,29 @@ def select(sweep: Sweep) -> dict[str, Any]:
                     "best_val_accuracy": [accs[s] for s in done], "best_val_loss": [losses[s] for s in done],
                     "mean_accuracy": statistics.fmean(accs.values()) if accs else None,
                     "mean_loss": statistics.fmean(known_losses) if known_losses else None,
-                    "complete": len(done) == len(sweep.seeds)})
+                    "complete": bool(judged) and len(done) == len(judged)})
             complete = [c for c in candidates if c["complete"]]
             chosen = min(complete, key=lambda c: (-c["mean_accuracy"], c["mean_loss"] if c["mean_loss"] is not None
                                                   else float("inf"), c["method"])) if complete else None
             incomplete = [c["method"] for c in candidates if not c["complete"]]
-            if incomplete:
-                warnings.add(f"{len(incomplete)} setting(s) lack finished seeds and were not considered: "
+            if incomplete and judged:
+                warnings.add(f"{len(incomplete)} setting(s) lack one of seeds {judged} and were not considered: "
                              f"{', '.join(incomplete[:4])}{' ...' if len(incomplete) > 4 else ''}")
             out["tasks"].setdefault(task, {})[family] = {
                 "chosen": chosen["method"] if chosen else None,
                 "grid": chosen["grid"] if chosen else None,
                 "overrides": chosen["overrides"] if chosen else None,
                 "mean_best_val_accuracy": chosen["mean_accuracy"] if chosen else None,
-                "candidates": candidates, "warnings": sorted(warnings)}
+                "seeds": judged, "candidates": candidates, "warnings": sorted(warnings)}
     return out
 
 
 def render_selection(selection: dict[str, Any]) -> str:
-    lines = ["## Validation selection of grid settings", "",
-             f"Criterion: {selection['criterion']}. Seeds: {', '.join(map(str, selection['seeds']))}.", ""]
+    lines = ["## Validation selection of grid settings", "", f"Criterion: {selection['criterion']}.", ""]
     for task, families in selection["tasks"].items():
         for family, s in families.items():
-            lines += [f"### {task} / {family}: " + (f"**{s['chosen']}**" if s["chosen"] else "no complete setting yet"),
-                      ""]
+            lines += [f"### {task} / {family}: " + (f"**{s['chosen']}**" if s["chosen"] else "no complete setting yet")
+                      + f" (seeds {', '.join(map(str, s['seeds'])) or 'none finished'})", ""]
             if s["chosen"]:
                 lines += [f"Overrides: `{' '.join(s['overrides'])}`; its runs alone: "
                           f"`--only task={task},method={s['chosen']}`", ""]
@@ -627,7 +640,7 @@ def render_selection(selection: dict[str, Any]) -> str:
                 mean = "—" if c["mean_accuracy"] is None else f"{100 * c['mean_accuracy']:.2f}"
                 loss = "—" if c["mean_loss"] is None else f"{c['mean_loss']:.4f}"
                 lines.append(f"| {c['method']}{star} | " + " | ".join(_fmt(c["grid"][a]) for a in axes)
-                             + f" | {len(c['seeds'])}/{len(selection['seeds'])} | {per_seed} | {mean} | {loss} |")
+                             + f" | {len(c['seeds'])}/{len(s['seeds'])} | {per_seed} | {mean} | {loss} |")
             lines += [""] + [f"Note: {w}" for w in s["warnings"]] + ([""] if s["warnings"] else [])
     return "\n".join(lines) + "\n"
 
@@ -652,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                              "hiddenkey-k0.1-*), seed=; the same key twice = either, e.g. method=lora,method=dropkey")
     parser.add_argument("--select", action="store_true",
                         help="run nothing: pick each grid's setting per task by mean best validation accuracy over "
-                             "seeds; print it and write OUT/selection.json")
+                             "seeds (those of --only seed=..., else every seed the grid has finished); print it and "
+                             "write OUT/selection.json")
     parser.add_argument("--no-eval", action="store_true",
                         help="train (and select, report) only: no lm-eval, e.g. for a grid stage chosen on validation")
     args = parser.parse_args(argv)
@@ -660,9 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.sweep)
         only = parse_only(args.only, sweep)
         if args.select:
-            if only:
-                raise SweepError("--select reads every finished run of the sweep: drop --only")
-            selection = select(sweep)
+            selection = select(sweep, only)
             text = render_selection(selection)
             path = write_selection(sweep, selection)
             print(text)

@@ -342,9 +342,18 @@ def test_select_picks_the_grid_setting_by_mean_best_validation_accuracy(tmp_path
     assert sweep_mod.main([str(path), "--select"]) == 0
     out = capsys.readouterr().out
     assert "### a / hk: **hk-k0.1-a1**" in out and "| hk-k0.05-a1 | 0.05 | 1 | 1/2 | 70.0 | 70.00 | 0.5000 |" in out
-    assert "1 setting(s) lack finished seeds and were not considered: hk-k0.05-a1" in out
+    assert "1 setting(s) lack one of seeds [0, 1] and were not considered: hk-k0.05-a1" in out
     written = json.loads((tmp_path / "o" / "selection.json").read_text())
     assert written["tasks"]["a"]["hk"]["chosen"] == "hk-k0.1-a1" and written["criterion"].startswith("mean over seeds")
+
+    # the seeds compared: those given (a grid stage run on seeds 0 and 1 is judged on them), else those finished
+    stage = sweep_mod.select(sweep, {"seed": ["0"], "task": ["a"]})
+    assert list(stage["tasks"]) == ["a"] and stage["tasks"]["a"]["hk"]["seeds"] == [0]
+    assert stage["tasks"]["a"]["hk"]["chosen"] == "hk-k0.1-a1"
+    assert {c["method"]: c["best_val_accuracy"] for c in stage["tasks"]["a"]["hk"]["candidates"]} == {
+        "hk-k0.05-a1": [0.70], "hk-k0.1-a1": [0.74]}
+    with pytest.raises(sweep_mod.SweepError, match="task= and seed= here, not method="):
+        sweep_mod.select(sweep, {"method": ["hk"]})
 
     # the report of this sweep groups by its method names
     assert report_main(["--sweep", str(path), "--out", str(tmp_path / "rep")]) == 0
