@@ -40,13 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
 
-# Loss agreement: |ours - Trainer| per step, relative to the loss. The two sides compute the same function of
-# the same data in fp32 but sum in different orders (our chunked head over supervised tokens vs the stock head
-# over every position, then a masked mean), so they differ by rounding, ~1e-7 relative on step 1; AdamW then
-# divides every update by sqrt(v) + eps, which amplifies that rounding in the first steps while v is tiny. Over
-# tens of steps the observed drift stays below 1e-4 relative; 2e-3 leaves room for other CPUs / BLAS builds
-# while any real difference (a lost token, a schedule off by a step, another clipping) is far above it.
-LOSS_RTOL = 2e-3
+# Loss agreement: max over steps of |ours - Trainer| / |Trainer|. Both sides compute the same function of the same
+# data with the same initial weights, but in different orders (our head: supervised positions only, in chunks;
+# the stock head: every position, then a masked mean), so in fp32 they differ by rounding: measured 7.6e-8
+# (tiny, 30 steps) and 1.1e-7 (SmolLM2-135M, 20 steps). 1e-5 is 100x that and still far below any real
+# difference (one token more or less in a step's mean, a schedule one step off, another clipping: 1e-3 and up).
+# bf16 rounds every matmul to 8 bits of mantissa: 2e-2 there.
+LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}
 
 
 def _free_port() -> int:
@@ -202,8 +202,10 @@ def compare(args) -> dict:
                       f"median step {statistics.median(res['step_s'][args.warmup:]):.3f} s", file=sys.stderr)
     summary = {}
     for side, results in runs.items():
+        launches = [statistics.median(r["step_s"][args.warmup:]) for r in results]
         summary[side] = {
-            "step_s": statistics.median(statistics.median(r["step_s"][args.warmup:]) for r in results),
+            "step_s": statistics.median(launches),
+            "launch_step_s": launches,
             "peak_gib": max(r["peak_gib"] for r in results),
             "loss": results[0]["loss"],
         }
@@ -212,24 +214,27 @@ def compare(args) -> dict:
     rel = [abs(ours[s] - theirs[s]) / max(abs(theirs[s]), 1e-12) for s in steps]
     summary["loss_steps"] = len(steps)
     summary["loss_max_rel_diff"] = max(rel) if rel else float("nan")
-    summary["loss_agree"] = bool(steps) and len(steps) == args.steps and max(rel) <= LOSS_RTOL
+    summary["loss_agree"] = bool(steps) and len(steps) == args.steps and max(rel) <= LOSS_RTOL[args.dtype]
     summary["ratio"] = summary["ours"]["step_s"] / summary["trainer"]["step_s"]
     return summary
 
 
 def table(args, s: dict) -> str:
+    def spread(side: str) -> str:
+        return ", ".join(f"{x:.3f}" for x in s[side]["launch_step_s"])
+
     lines = [
         f"# {args.model}, {args.dtype}, LoRA r=8 on {args.targets}, ZeRO-{args.zero[-1]} on {args.ranks} ranks, "
         f"micro-batch {args.micro_batch} x <= {args.max_length} tokens, {args.steps} steps "
         f"(median step after {args.warmup}, {args.repeats} launch(es) per side)",
         "",
-        "| loop | s / step | x Trainer | peak memory / rank (GiB) | losses |",
-        "|---|---:|---:|---:|---|",
-        f"| transformers Trainer + DeepSpeed + PEFT | {s['trainer']['step_s']:.3f} | 1.00x | "
+        "| loop | s / step | per launch | x Trainer | peak memory / rank (GiB) | losses |",
+        "|---|---:|---|---:|---:|---|",
+        f"| transformers Trainer + DeepSpeed + PEFT | {s['trainer']['step_s']:.3f} | {spread('trainer')} | 1.00x | "
         f"{s['trainer']['peak_gib']:.2f} | reference |",
-        f"| hiddenkey-ds (`python -m hiddenkey_ds.train`) | {s['ours']['step_s']:.3f} | {s['ratio']:.2f}x | "
-        f"{s['ours']['peak_gib']:.2f} | {'agree' if s['loss_agree'] else 'DIFFER'}: max rel. diff "
-        f"{s['loss_max_rel_diff']:.1e} over {s['loss_steps']} steps (tolerance {LOSS_RTOL:g}) |",
+        f"| hiddenkey-ds (`python -m hiddenkey_ds.train`) | {s['ours']['step_s']:.3f} | {spread('ours')} | "
+        f"{s['ratio']:.2f}x | {s['ours']['peak_gib']:.2f} | {'agree' if s['loss_agree'] else 'DIFFER'}: max rel. diff "
+        f"{s['loss_max_rel_diff']:.1e} over {s['loss_steps']} steps (tolerance {LOSS_RTOL[args.dtype]:g}) |",
     ]
     return "\n".join(lines)
 
