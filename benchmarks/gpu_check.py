@@ -305,48 +305,62 @@ def lora_step_flops(shape: Shape, model) -> float:
 def section_steps(env: Env, shape: Shape, report: Report) -> None:
     import torch
 
-    from hiddenkey_ds.dropout import apply_dropout
     from hiddenkey_ds.objective import HiddenKeyObjective
 
-    model = build_model(env, shape)
     batch = make_batch(env, shape)
     configs = step_configs(env)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=env.cuda)
-    objectives = {name: HiddenKeyObjective(model, dropout_config(preset, **extra), apply=False).train()
-                  for name, (preset, extra) in configs.items()}
 
-    def step(name: str) -> None:
-        obj = objectives[name]
-        apply_dropout(model, obj.config)  # replaces the previous configuration
-        out = obj(**batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = out.loss.detach().item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"{name}: loss {loss}")
+    class Job:
+        """One configuration: its own model (same seed: same weights), objective and optimizer. The objective's
+        layer hooks belong to its model (one objective per model, as in training)."""
 
-    # peak memory of each configuration alone (first use also compiles the fused kernel)
-    peaks, errors = {}, {}
+        def __init__(self, name: str) -> None:
+            preset, extra = configs[name]
+            self.name = name
+            self.model = build_model(env, shape)
+            self.objective = HiddenKeyObjective(self.model, dropout_config(preset, **extra)).train()
+            self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5,
+                                         fused=env.cuda)
+
+        def step(self) -> None:
+            out = self.objective(**batch)
+            out.loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            loss = out.loss.detach().item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{self.name}: loss {loss}")
+
+    # peak memory of each configuration alone (its first step also compiles the fused kernel)
+    peaks, errors, prefix = {}, {}, {}
     for name in configs:
         try:
-            step(name)  # warm-up: compilation, allocator
+            job = Job(name)
+            prefix[name] = job.objective.prefix
+            job.step()
             env.sync()
             env.reset_peak()
-            step(name)
+            job.step()
             env.sync()
             peaks[name] = env.peak_gib()
         except Exception as err:  # noqa: BLE001 - reported in the table, the other configurations go on
             errors[name] = err
-    times: dict[str, list[float]] = {name: [] for name in configs if name not in errors}
+        job = None
+        if env.cuda:
+            torch.cuda.empty_cache()
+    # step time: every configuration resident, one step each in turn (round-robin), median per configuration
+    jobs = {name: Job(name) for name in configs if name not in errors}
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for job in jobs.values():
+        job.step()  # warm-up
     for _ in range(shape.rounds):
-        for name in times:
+        for name, job in jobs.items():
             env.sync()
             start = time.perf_counter()
-            step(name)
+            job.step()
             env.sync()
             times[name].append(time.perf_counter() - start)
+    model = next(iter(jobs.values())).model if jobs else build_model(env, shape)
 
     tokens = shape.micro_batch * shape.seq
     ref = statistics.median(times["plain LoRA"]) if "plain LoRA" in times else None
@@ -371,8 +385,9 @@ def section_steps(env: Env, shape: Shape, report: Report) -> None:
             result += f", MFU {mfu:.1%}" if mfu is not None else ", MFU n/a (unknown peak: --peak-tflops)"
         report.add(Row("steps", f"{name} ({dropout_config(preset, **extra).describe()})", result,
                        f"{t / ref:.2f}x" if ref else "", peaks.get(name), plan, status,
-                       extra={"median_s": t, "tokens_per_s": tokens / t}))
-    del objectives, model, opt
+                       extra={"median_s": t, "tokens_per_s": tokens / t, "peak_gib": peaks.get(name),
+                              "shared_prefix_layers": prefix.get(name)}))
+    del jobs, model
     if env.cuda:
         torch.cuda.empty_cache()
 
