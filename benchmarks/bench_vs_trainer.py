@@ -6,23 +6,25 @@
 
 Both sides run the same plain-LoRA job on the same ranks (torchrun, gloo on CPU, NCCL on GPUs):
 
-- **ours**: `python -m hiddenkey_ds.train recipes/tiny-lora.yaml` with overrides, exactly as a user runs it,
-  logging every step; seconds per step are the differences of metrics.jsonl's `time` column.
+- **ours**: `hiddenkey_ds.train.main` on recipes/tiny-lora.yaml with overrides, exactly what
+  `python -m hiddenkey_ds.train` runs, logging every step; a clock on the run logger (just before step 1, and
+  at each step's log line) gives wall and CPU seconds per step.
 - **Trainer**: `Trainer` + `TrainingArguments(deepspeed=<dict>)` + `peft.get_peft_model(LoraConfig(...))` on
   the model loaded with `AutoModelForCausalLM.from_pretrained`, given the DeepSpeed dict our loop resolves
   (`hiddenkey_ds.ds_config.resolve_ds_config`: ZeRO-2, AdamW, clipping), the same learning rate, warmup and
   linear decay, the same LoRA settings and LoRA initialisation (same seed right before `get_peft_model`), the
   same tokenized examples in the same per-rank batch order (our sampler and collator through an overridden
-  `get_train_dataloader`), logging every step; seconds per step are the differences of `on_step_end` times.
-
+  `get_train_dataloader`), logging every step; a callback's `on_step_end` clock gives wall and CPU seconds.
 Both sides therefore do the same arithmetic: the Trainer's loss with `average_tokens_across_devices` is the
 global token mean, as ours is. What differs is how: we run the LM head on supervised positions only (in
 chunks), the stock model computes logits for every position; the loops' own overheads differ too.
 
 The table: median seconds per step over the steps after `--warmup` (per launch, then the median over
 `--repeats` launches; the two sides alternate A B B A ... so drift hits both alike), the ratio ours/Trainer,
-peak memory per rank (resident set high-water mark on CPU, max over ranks, whole process including model
-loading; `torch.cuda.max_memory_allocated` on GPU) and the largest loss difference over all steps.
+the same for rank 0's process CPU time per step (robust to other jobs on a shared machine, which stretch wall
+time but not the CPU time a step needs), peak memory per rank (resident set high-water mark on CPU, max over
+ranks, whole process including model loading; `torch.cuda.max_memory_allocated` on GPU) and the largest loss
+difference over all steps.
 """
 from __future__ import annotations
 
@@ -131,14 +133,15 @@ def trainer_worker(payload: dict) -> None:
             return DataLoader(train_ds, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate,
                               drop_last=True)
 
-    record: dict = {"step_end": [], "loss": {}}
+    record: dict = {"step_end": [], "cpu_end": [], "loss": {}}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            record["begin"] = time.perf_counter()
+            record["begin"], record["cpu_begin"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **k):
             record["step_end"].append(time.perf_counter())
+            record["cpu_end"].append(time.process_time())
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
@@ -149,9 +152,40 @@ def trainer_worker(payload: dict) -> None:
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     ends = [record["begin"], *record["step_end"]]
-    result = {"rank": rank, "step_s": [b - a for a, b in zip(ends, ends[1:])], "peak_gib": peak,
+    cpu = [record["cpu_begin"], *record["cpu_end"]]
+    result = {"rank": rank, "step_s": [b - a for a, b in zip(ends, ends[1:])],
+              "cpu_s": [b - a for a, b in zip(cpu, cpu[1:])], "peak_gib": peak,
               "loss": {int(k): v for k, v in record["loss"].items()}}
     (out_dir / f"trainer_rank{rank}.json").write_text(json.dumps(result))
+
+
+# -------------------------------------------------------------------------------------------- our side
+def ours_worker(argv: list[str]) -> int:
+    """One rank of our side: `hiddenkey_ds.train.main(argv)` as `python -m hiddenkey_ds.train` runs it, with a
+    clock on the run logger: the first `new_window()` (just before step 1) and every `train_line()` (the end of
+    a logged step, after its collective metric reduction, on every rank) record wall and process CPU time."""
+    from hiddenkey_ds import run_log, train
+
+    clock: dict = {"begin": None, "ends": []}
+    new_window, train_line = run_log.RunLogger.new_window, run_log.RunLogger.train_line
+
+    def timed_new_window(self):
+        if clock["begin"] is None:
+            clock["begin"] = (time.perf_counter(), time.process_time())
+        return new_window(self)
+
+    def timed_train_line(self, step, metrics, lr):
+        clock["ends"].append((time.perf_counter(), time.process_time()))
+        return train_line(self, step, metrics, lr)
+
+    run_log.RunLogger.new_window, run_log.RunLogger.train_line = timed_new_window, timed_train_line
+    rc = train.main(argv)
+    out_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("run.output_dir=")))
+    points = [clock["begin"], *clock["ends"]]
+    (out_dir / f"ours_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({
+        "step_s": [b[0] - a[0] for a, b in zip(points, points[1:])],
+        "cpu_s": [b[1] - a[1] for a, b in zip(points, points[1:])]}))
+    return rc
 
 
 # -------------------------------------------------------------------------------------------- the driver
@@ -168,11 +202,12 @@ def _launch(cmd_tail: list[str], ranks: int, timeout: float) -> None:
 
 
 def run_ours(args, out_dir: Path) -> dict:
-    _launch(["-m", "hiddenkey_ds.train", str(RECIPE), *recipe_overrides(args, out_dir)], args.ranks, args.timeout)
+    _launch([str(Path(__file__).resolve()), "--ours-worker", str(RECIPE), *recipe_overrides(args, out_dir)],
+            args.ranks, args.timeout)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["split"] == "train"]
-    times = [0.0, *[r["time"] for r in rows]]  # `time` counts from the logger's start, just before step 1
-    return {"step_s": [b - a for a, b in zip(times, times[1:])], "loss": {r["step"]: r["loss"] for r in rows},
+    clock = json.loads((out_dir / "ours_rank0.json").read_text())
+    return {"step_s": clock["step_s"], "cpu_s": clock["cpu_s"], "loss": {r["step"]: r["loss"] for r in rows},
             "peak_gib": max(r["peak_mem_gib"] for r in rows)}
 
 
@@ -181,7 +216,8 @@ def run_trainer(args, out_dir: Path) -> dict:
     _launch([str(Path(__file__).resolve()), "--trainer-worker", json.dumps(payload)], args.ranks, args.timeout)
     ranks = [json.loads((out_dir / f"trainer_rank{r}.json").read_text()) for r in range(args.ranks)]
     # a step ends on every rank at once (the optimizer step is collective): rank 0's clock is the step time
-    return {"step_s": ranks[0]["step_s"], "loss": {int(k): v for k, v in ranks[0]["loss"].items()},
+    return {"step_s": ranks[0]["step_s"], "cpu_s": ranks[0]["cpu_s"],
+            "loss": {int(k): v for k, v in ranks[0]["loss"].items()},
             "peak_gib": max(r["peak_gib"] for r in ranks)}
 
 
@@ -206,6 +242,7 @@ def compare(args) -> dict:
         summary[side] = {
             "step_s": statistics.median(launches),
             "launch_step_s": launches,
+            "cpu_s": statistics.median(statistics.median(r["cpu_s"][args.warmup:]) for r in results),
             "peak_gib": max(r["peak_gib"] for r in results),
             "loss": results[0]["loss"],
         }
@@ -216,6 +253,7 @@ def compare(args) -> dict:
     summary["loss_max_rel_diff"] = max(rel) if rel else float("nan")
     summary["loss_agree"] = bool(steps) and len(steps) == args.steps and max(rel) <= LOSS_RTOL[args.dtype]
     summary["ratio"] = summary["ours"]["step_s"] / summary["trainer"]["step_s"]
+    summary["cpu_ratio"] = summary["ours"]["cpu_s"] / summary["trainer"]["cpu_s"]
     return summary
 
 
@@ -228,12 +266,14 @@ def table(args, s: dict) -> str:
         f"micro-batch {args.micro_batch} x <= {args.max_length} tokens, {args.steps} steps "
         f"(median step after {args.warmup}, {args.repeats} launch(es) per side)",
         "",
-        "| loop | s / step | per launch | x Trainer | peak memory / rank (GiB) | losses |",
-        "|---|---:|---|---:|---:|---|",
+        "| loop | s / step (wall) | per launch | x Trainer | CPU s / step (rank 0) | x Trainer | "
+        "peak memory / rank (GiB) | losses |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
         f"| transformers Trainer + DeepSpeed + PEFT | {s['trainer']['step_s']:.3f} | {spread('trainer')} | 1.00x | "
-        f"{s['trainer']['peak_gib']:.2f} | reference |",
+        f"{s['trainer']['cpu_s']:.3f} | 1.00x | {s['trainer']['peak_gib']:.2f} | reference |",
         f"| hiddenkey-ds (`python -m hiddenkey_ds.train`) | {s['ours']['step_s']:.3f} | {spread('ours')} | "
-        f"{s['ratio']:.2f}x | {s['ours']['peak_gib']:.2f} | {'agree' if s['loss_agree'] else 'DIFFER'}: max rel. diff "
+        f"{s['ratio']:.2f}x | {s['ours']['cpu_s']:.3f} | {s['cpu_ratio']:.2f}x | {s['ours']['peak_gib']:.2f} | "
+        f"{'agree' if s['loss_agree'] else 'DIFFER'}: max rel. diff "
         f"{s['loss_max_rel_diff']:.1e} over {s['loss_steps']} steps (tolerance {LOSS_RTOL[args.dtype]:g}) |",
     ]
     return "\n".join(lines)
@@ -256,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the summary here")
     p.add_argument("--smoke", action="store_true", help="builtin:tiny-llama, 3 steps, one launch per side")
     p.add_argument("--trainer-worker", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--ours-worker"]:
+        return ours_worker([a for a in argv[1:] if not a.startswith("--local_rank")])
     args = p.parse_args(argv)
     if args.trainer_worker:
         trainer_worker(json.loads(args.trainer_worker))
