@@ -9,6 +9,7 @@ import pytest
 from train_runs import REPO
 
 
+@pytest.mark.slow          # two 2-rank launches, ~45 s of CPU: `pytest -m slow`
 @pytest.mark.distributed
 def test_trainer_comparison_smoke(tmp_path):
     out = tmp_path / "summary.json"
