@@ -127,11 +127,15 @@ def trainer_worker(payload: dict) -> None:
         seed=recipe.run.seed, dataloader_num_workers=0, remove_unused_columns=False,
     )
 
+    class EpochLoader(DataLoader):
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at every epoch: reshuffle as our loop does
+            sampler.set_epoch(epoch)
+
     class SameBatches(Trainer):
         def get_train_dataloader(self):
             # this rank's shard in our order; not prepared by accelerate, which would re-shard it
-            return DataLoader(train_ds, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate,
-                              drop_last=True)
+            return EpochLoader(train_ds, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate,
+                               drop_last=True)
 
     record: dict = {"step_end": [], "cpu_end": [], "loss": {}}
 
