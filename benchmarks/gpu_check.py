@@ -291,8 +291,8 @@ def lora_step_flops(shape: Shape, model) -> float:
     again (activation gradients only: the frozen base gets no weight gradient), LoRA's own matmuls (forward,
     input and weight gradients: 6 x its params per token), causal attention (QK^T and PV: 2 x 2 x S x d per
     token per layer forward for the full square, half of it causal, x3 with backward), and the LM head on the
-    supervised tokens (6 x hidden x vocab per token: its input gradient plus the forward, x1.5 for the
-    checkpointed recomputation is not counted)."""
+    supervised tokens (4 x hidden x vocab per token: forward and input gradient; its checkpointed recomputation
+    is not counted: MFU counts model FLOPs, not recomputation)."""
     tokens = shape.micro_batch * shape.seq
     dense = shape.layers * (shape.hidden * (shape.hidden * 2 + 2 * shape.hidden * shape.kv_heads // shape.heads)
                             + 3 * shape.hidden * shape.intermediate)
