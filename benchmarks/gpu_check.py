@@ -488,30 +488,32 @@ def _kernel_agreement(env, report, flex, q, k, v, grad, keep, visible, seq) -> N
 
 # -------------------------------------------------------------------------------------------- launched runs
 def model_dir(env: Env, shape: Shape, root: Path) -> Path:
-    """A HF model directory for the launched runs: builtin:tiny-llama in smoke mode; on a GPU a random LLaMA
-    with 7B-shaped layers at `shape.train_layers` depth and tiny-llama's tokenizer (vocabulary 1024)."""
-    from hiddenkey_ds.builtin_models import builtin_path
-
-    tiny = builtin_path("builtin:tiny-llama")
-    if env.smoke:
-        return tiny
+    """A HF model directory for the launched runs: a random LLaMA of `shape`'s layers (7B-shaped on a GPU,
+    builtin:tiny-llama's in --smoke) at `shape.train_layers` depth, with tiny-llama's tokenizer (vocabulary
+    1024) and its special-token ids. Built the same way in both modes, so --smoke exercises this code."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = root / "llama7b-shaped"
-    config = LlamaConfig.from_pretrained(tiny)
-    config.update(dict(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                       num_hidden_layers=shape.train_layers, num_attention_heads=shape.heads,
-                       num_key_value_heads=shape.kv_heads, max_position_embeddings=4096))
+    from hiddenkey_ds.builtin_models import builtin_path
+
+    tiny = builtin_path("builtin:tiny-llama")
+    ids = LlamaConfig.from_pretrained(tiny)
+    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.train_layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
+                         vocab_size=ids.vocab_size, bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id,
+                         pad_token_id=ids.pad_token_id, max_position_embeddings=4096, tie_word_embeddings=False)
+    out = root / f"llama-{shape.hidden}x{shape.train_layers}"
     torch.manual_seed(0)
     with torch.device(env.device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(env.dtype)
     model.save_pretrained(out)
     for f in tiny.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name.endswith(".jinja"):
             shutil.copy(f, out / f.name)
     del model
-    torch.cuda.empty_cache()
+    if env.cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -520,7 +522,11 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = "1" if not _cuda_visible() else "4"
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return subprocess.CompletedProcess(cmd, 124, out, f"error: timed out after {timeout:.0f} s (--timeout)")
 
 
 def _cuda_visible() -> bool:
@@ -545,7 +551,7 @@ def run_overrides(env: Env, mdir: Path, out: Path, steps: int) -> list[str]:
 
 
 def _tail(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    lines = [line for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line or "error" in line]
     return (errors or lines or ["no output"])[-1]
 
@@ -623,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this device for MFU (default: a table)")
     p.add_argument("--strict", action="store_true", help="a missed performance target fails too")
     p.add_argument("--json", help="write every row here")
-    p.add_argument("--timeout", type=float, default=300, help="seconds per launched training run")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per launched training run (default 900)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
