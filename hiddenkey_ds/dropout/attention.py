@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hiddenkey_ds.dropout import flex
 from hiddenkey_ds.dropout.config import REBUILD_MASK_BYTES, DropoutConfig
 from hiddenkey_ds.dropout.masks import SinkTokens, attention_keep, expected_keep
 
@@ -140,6 +141,9 @@ def hiddenkey_attention_forward(
         keep = keep | protected
 
     if cfg.attention.rate == 0:
+        if flex.use_fused(cfg.key_kernel, keep, query, dropout):  # column/span on CUDA: one FlexAttention kernel
+            out = flex.dropkey_attention(query, key, value, None if attention_mask is None else visible, keep, scaling)
+            return out.transpose(1, 2).contiguous(), None
         # DropKey alone stays on the fused kernel: the drop is one more additive mask. A large (B, H, Q, K)
         # mask is built inside a checkpoint so that backward rebuilds it instead of every layer keeping its
         # own (2 GiB per layer for LLaMA-2-7B at 4 x 2048 tokens in the dual pass); a small one is kept, which

@@ -107,6 +107,12 @@ class DropoutConfig(_Strict):
         0, ge=0, description="never drop the first N real tokens of each row (attention-sink protection): not as "
         "DropKey/DropAttention key columns, not in hidden dropout; 0 = the paper (no protection)",
     )
+    # How column/span DropKey is computed; the semantics are the same either way (dropout/flex.py).
+    key_kernel: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="column/span DropKey kernel: auto (fused FlexAttention kernel on CUDA when available, "
+        "sdpa otherwise), sdpa (additive mask: the CPU path and the reference), flex (force the fused kernel; "
+        "training needs CUDA)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -169,6 +175,17 @@ class DropoutConfig(_Strict):
             raise ValueError(
                 f"alpha={self.alpha} has no effect with consistency='none'; "
                 "set dropout.consistency=kl (or js), or alpha=0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kernel_applies(self) -> "DropoutConfig":
+        if self.key_kernel == "flex" and not (self.key.rate > 0 and self.key.pattern in ("column", "span")
+                                              and self.attention.rate == 0):
+            raise ValueError(
+                "key_kernel=flex fuses column/span DropKey (key.rate > 0) without DropAttention; this config has "
+                f"key {self.key.pattern} p={self.key.rate:g}, attention p={self.attention.rate:g} "
+                "(hint: key_kernel=auto picks the right kernel)"
             )
         return self
 
