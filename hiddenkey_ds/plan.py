@@ -48,6 +48,7 @@ COST_OFFLOAD = 1.0
 COST_HALVE_MICRO_BATCH = 0.10
 COST_CHECKPOINTING = 0.33
 COST_4BIT = 0.50
+PATTERNS = ("element", "column", "span")
 DS_CONFIG_FOR = {(0, False): "zero0", (1, False): "zero1", (2, False): "zero2", (3, False): "zero3",
                  (3, True): "zero3_offload"}
 
@@ -74,7 +75,9 @@ class PlanConfig:
     gradient_checkpointing: bool = False
     dual_pass: bool = False                   # consistency loss: [x; x] in one forward
     key_dropout: bool = False                 # DropKey: sdpa with an additive (B, H, S, S) logit mask
+    key_pattern: str = "column"               # DropKey keep-mask: element (B, H, S, S); column, span (B, H, 1, S)
     attention_dropout: bool = False           # DropAttention: materialized attention weights
+    attention_pattern: str = "element"        # DropAttention keep-mask, shaped as DropKey's
     hidden_dropout: bool = False              # element keep-mask on every MLP output
     hidden_pattern: str = "element"
     loss_chunk_tokens: int = 1024
@@ -92,6 +95,7 @@ class PlanConfig:
     memory_efficient_linear: bool = True
     param_persistence_threshold: int = 100_000
     ds_config_name: str | None = None
+    rebuild_mask_bytes: int = REBUILD_MASK_BYTES  # hiddenkey_ds.dropout's rule (a parameter so probes can move it)
 
     def __post_init__(self) -> None:
         checks = {
@@ -99,6 +103,9 @@ class PlanConfig:
             "quantization": self.quantization in ("none", "4bit", "8bit"),
             "zero_stage": self.zero_stage in (0, 1, 2, 3),
             "device": self.device in ("gpu", "cpu"),
+            "key_pattern": self.key_pattern in PATTERNS,
+            "attention_pattern": self.attention_pattern in PATTERNS,
+            "hidden_pattern": self.hidden_pattern in PATTERNS,
             "offload_param": not self.offload_param or self.zero_stage == 3,
         }
         for name, ok in checks.items():
@@ -217,7 +224,14 @@ def dropkey_rebuilds_mask(cfg: PlanConfig) -> bool:
     if not cfg.key_dropout or cfg.attention_dropout:
         return False
     sequences = cfg.micro_batch * (2 if cfg.dual_pass else 1)
-    return sequences * cfg.shape.heads * cfg.seq_len ** 2 * cfg.dtype_bytes > REBUILD_MASK_BYTES
+    return sequences * cfg.shape.heads * cfg.seq_len ** 2 * cfg.dtype_bytes > cfg.rebuild_mask_bytes
+
+
+def keep_mask_bytes(cfg: PlanConfig, sequences: int, pattern: str) -> int:
+    """One layer's bool attention keep-mask (hiddenkey_ds.dropout.masks.attention_keep): a bit per logit for
+    `element`, per key for `column` and `span`."""
+    per_row = cfg.seq_len ** 2 if pattern == "element" else cfg.seq_len
+    return sequences * cfg.shape.heads * per_row
 
 
 def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
@@ -268,26 +282,44 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
 
 
 def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
-    """The (S x S) tensors one layer keeps for backward, per (sequence, head): DropKey none (its mask is
-    rebuilt in backward); DropAttention's fp32 softmax output, bool keep-mask, masked fp32
-    weights and the renormalized weights the value matmul keeps; without either, a padding mask."""
+    """The (S x S) tensors one layer keeps for backward.
+
+    DropAttention: its fp32 softmax output, fp32 masked weights and the renormalized weights in the compute dtype
+    that the value matmul keeps, per (sequence, head), plus the bool keep-mask the product with the weights keeps
+    (element: (B, H, S, S); column, span: (B, H, 1, S)). DropKey with a small mask: the additive (B, H, S, S) mask
+    sdpa keeps, whatever the pattern (the keep-mask itself only builds it). DropKey with a mask large enough to
+    be rebuilt in backward: the inputs of that checkpoint, i.e. the keep-mask, (B, H, S, S) for `element`
+    (1 byte per logit: a 16 GiB difference to `column` on LLaMA-2-7B at 4 x 2048 tokens), and without padding
+    the layer's own bool causal mask. Neither: a padding mask."""
     s2 = cfg.seq_len ** 2
-    per = 0.0
     if cfg.attention_dropout:
-        # fp32 softmax output, bool keep-mask, fp32 masked weights, and the renormalized weights in the
-        # compute dtype that the value matmul keeps
-        per = 4 + 1 + 4 + cfg.dtype_bytes
-    elif cfg.key_dropout:
+        return sequences * cfg.shape.heads * s2 * (4 + 4 + cfg.dtype_bytes) + keep_mask_bytes(
+            cfg, sequences, cfg.attention_pattern)
+    if cfg.key_dropout:
         if not dropkey_rebuilds_mask(cfg):
-            return sequences * cfg.shape.heads * s2 * cfg.dtype_bytes  # a small mask: sdpa keeps it
-        # a large one is built inside a checkpoint around sdpa and rebuilt in backward: a layer keeps only the
-        # (B, H, 1, S) bool keep-mask and, without padding, its own bool causal mask
-        return sequences * cfg.shape.heads * cfg.seq_len + (0 if cfg.padded else s2)
-    elif cfg.padded:
+            return sequences * cfg.shape.heads * s2 * cfg.dtype_bytes
+        return keep_mask_bytes(cfg, sequences, cfg.key_pattern) + (0 if cfg.padded else s2)
+    if cfg.padded:
         # stock sdpa with a padding mask: torch turns the bool (B, 1, S, S) mask into an additive one in the
         # compute dtype in every layer's call, and keeps that copy for backward (one per layer, no head axis)
         return sequences * s2 * cfg.dtype_bytes
-    return sequences * cfg.shape.heads * s2 * per
+    return 0.0
+
+
+def dropkey_build_bytes(cfg: PlanConfig, sequences: int) -> float:
+    """What building one layer's DropKey mask holds beyond the saved tensors (forward, and again in backward when
+    it is rebuilt): the additive (B, H, S, S) mask unless sdpa keeps it anyway, and the all-dropped-row count's
+    operand, an fp32 copy of the visibility for column/span keep-masks. `element` adds the (B, H, S, S) fill it
+    is built from (compute dtype), the bool `visible & keep` of the count and, when the mask is kept rather than
+    rebuilt, its own keep-mask (otherwise already saved as the checkpoint's input)."""
+    if not cfg.key_dropout or cfg.attention_dropout:
+        return 0.0
+    d, s2 = cfg.dtype_bytes, cfg.seq_len ** 2
+    rebuilt = dropkey_rebuilds_mask(cfg)
+    logits = sequences * cfg.shape.heads * s2
+    if cfg.key_pattern == "element":
+        return logits * (d + 1 + (d if rebuilt else 1))
+    return (logits * d if rebuilt else 0.0) + (sequences if cfg.padded else 1) * s2 * 4
 
 
 def backward_working_bytes_per_token(cfg: PlanConfig) -> float:
@@ -407,11 +439,7 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     # output require grad) and the final RMSNorm's input
     ckpt_saved = s.layers * s.hidden * d * tokens + (4 * s.hidden + 4) * tokens + head_inputs
     saved = ckpt_saved if cfg.gradient_checkpointing else full_saved
-    # while a layer builds its DropKey mask (forward, and again in backward): the (B, H, S, S) additive mask in
-    # the compute dtype next to the fp32 copy of the visibility used for the all-dropped-row count
-    mask_build = (((seqs * s.heads * cfg.seq_len ** 2 * d if dropkey_rebuilds_mask(cfg) else 0.0)
-                   + (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 4)
-                  if cfg.key_dropout and not cfg.attention_dropout else 0.0)
+    mask_build = dropkey_build_bytes(cfg, seqs)  # while a layer builds its DropKey mask
     recompute = per_layer if cfg.gradient_checkpointing else 0.0
     head = loss_head_bytes(cfg, sup_per_pass)
     bwd = backward_working_bytes_per_token(cfg) * tokens
@@ -618,7 +646,9 @@ def config_from_recipe(recipe, ds: dict, nodes: int, gpus_per_node: int, gpu_mem
         gradient_checkpointing=recipe.model.gradient_checkpointing,
         dual_pass=dropout.dual_pass,
         key_dropout=dropout.key.rate > 0,
+        key_pattern=dropout.key.pattern,
         attention_dropout=dropout.attention.rate > 0,
+        attention_pattern=dropout.attention.pattern,
         hidden_dropout=dropout.hidden.rate > 0,
         hidden_pattern=dropout.hidden.pattern,
         loss_chunk_tokens=recipe.train.loss_chunk_tokens,
