@@ -59,7 +59,9 @@ def format_validation_errors(error: ValidationError) -> list[str]:
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    from hiddenkey_ds.resources import shipped_recipe
+
+    path = shipped_recipe(path) or Path(path)  # `recipes/x.yaml` outside a checkout: the installed copy
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist (hint: recipes live in recipes/*.yaml)")
     try:
