@@ -98,6 +98,17 @@ def check_model(recipe: Recipe) -> None:
                            f"({str(err).splitlines()[0]}) (hint: LLaMA-family decoders are)"]) from None
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                      if isinstance(module, torch.nn.Linear)})
+    targets = recipe.lora.target_modules
+    if isinstance(targets, list):
+        # PEFT's own check fails only when no target matches at all: a misspelt one next to a valid one would
+        # silently train fewer adapters than the recipe says. Matching as PEFT does: the name or its last parts.
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise RecipeError([
+                f"lora.target_modules: {', '.join(map(repr, missing))} match{'es' if len(missing) == 1 else ''} no "
+                f"module of {m.name!r} (hint: this model's linear layers: {', '.join(linear)})"
+            ])
     try:
         peft_model = get_peft_model(model, lora_config(recipe))
     except ValueError as err:
