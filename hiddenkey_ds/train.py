@@ -172,13 +172,14 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     from hiddenkey_ds.models import load_model, load_tokenizer
     from hiddenkey_ds.objective import HiddenKeyObjective
 
+    # the data needs no process group either: its problems (columns, empty rows, splits) come before one exists
+    tokenizer = load_tokenizer(recipe)
+    train_ds, eval_ds, data_report = build_datasets(recipe, tokenizer)
+
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != launcher_world_size():  # a launcher that announced no world size: check the batch arithmetic now
         recipe = load_recipe(recipe_path, overrides, world_size=world)
-
-    tokenizer = load_tokenizer(recipe)
-    train_ds, eval_ds, data_report = build_datasets(recipe, tokenizer)
     collate = make_collator(tokenizer)
     sampler = make_sampler(train_ds, world, rank, recipe.run.seed, recipe.data.shuffle)
     t = recipe.train
@@ -282,7 +283,7 @@ def eval_command(run_dir: Path, ev) -> list[str]:
     if ev.tasks:
         cmd += ["--tasks", ",".join(ev.tasks)]
     if ev.limit is not None:
-        cmd += ["--limit", f"{ev.limit:g}"]
+        cmd += ["--limit", str(ev.limit)]
     return cmd
 
 

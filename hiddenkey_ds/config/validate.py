@@ -176,6 +176,26 @@ def _output_dir_problems(run: Any, check_finished: bool) -> list[str]:
     return []
 
 
+def _data_path_problems(data: Any) -> list[str]:
+    """Local data paths that do not exist, before anything loads (hiddenkey_ds.data.loading reads them later)."""
+    if data is None:
+        return []
+    from hiddenkey_ds.data.loading import BUILDERS, looks_local
+
+    problems = []
+    if data.path is not None and not data.path.startswith("builtin:") and looks_local(data.path) \
+            and not Path(data.path).expanduser().exists():
+        problems.append(
+            f"data.path: {data.path!r} does not exist (relative paths are relative to the working directory "
+            f"{Path.cwd()}) (hint: check the path; GLUE copies look like ../shared/data/glue/RTE)")
+    if data.eval_path is not None:
+        eval_file = Path(data.eval_path).expanduser()
+        if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
+            problems.append(f"data.eval_path: {data.eval_path!r} is not a {'/'.join(BUILDERS)} file "
+                            "(hint: give an existing file of one of these formats)")
+    return problems
+
+
 def _lm_head_problems(lora: Any, dropout: Any, train: Any, data: Any) -> list[str]:
     """LoRA on the LM head, where the chunked loss head (hiddenkey_ds.objective) applies it more than once per
     forward: twice per chunk in the dual pass, once per chunk when a micro-batch can hold more supervised tokens
@@ -208,7 +228,7 @@ def _eval_at_end_problems(run: Any, model: Any, data: Any, ev: Any) -> list[str]
         derived = _eval_task_problem(data)
         if derived:
             problems.append(derived)
-    if run is not None and model is not None and model.quantization != "none":
+    if run is not None and model is not None and model.quantization == "4bit":  # 8bit + ZeRO-3: refused anyway
         from hiddenkey_ds.ds_config import load_ds_json, zero_stage
 
         try:
@@ -271,8 +291,9 @@ def load_recipe(
 ) -> Recipe:
     """Read, override and validate a recipe. Raises one ``RecipeError`` listing every problem found.
 
-    ``world_size`` (ranks of the run) enables the batch arithmetic check; ``check_output_dir`` refuses an
-    output directory that holds a finished run unless ``run.resume=true``.
+    ``world_size`` (ranks of the run) enables the batch arithmetic check; ``check_output_dir`` checks the
+    machine the run starts on: it refuses an output directory that holds a finished run unless
+    ``run.resume=true`` or cannot be written, and local data paths that do not exist.
     """
     raw = _read_yaml(path)
     problems = apply_overrides(raw, list(overrides))
@@ -285,6 +306,8 @@ def load_recipe(
     problems += _batch_problems(sections["train"], world_size)
     problems += _zero3_problems(sections["run"], sections["model"])
     problems += _output_dir_problems(sections["run"], check_finished=check_output_dir)
+    if check_output_dir:  # the machine the run starts on: its data must be there (plan and launch.sh may not see it)
+        problems += _data_path_problems(sections["data"])
     problems += _lm_head_problems(sections["lora"], sections["dropout"], sections["train"], sections["data"])
     problems += _eval_at_end_problems(sections["run"], sections["model"], sections["data"], sections["eval"])
     if recipe is not None and not any(p.startswith("train.global_batch_size") or p.startswith("run.deepspeed") for p in problems):
