@@ -1,12 +1,17 @@
 """Step time and loss-head memory of HiddenKey vs plain LoRA, measured side by side.
 
-    python benchmarks/bench_hiddenkey.py            # the issue's shape: hidden 512, 4 layers, seq 256, batch 4
+    python benchmarks/bench_hiddenkey.py            # hidden 512 at 4 and 16 layers, seq 256, batch 4, cls + sft
     python benchmarks/bench_hiddenkey.py --quick    # a smaller shape, for a smoke run
 
 Step = forward + backward + AdamW on the LoRA parameters. Modes run interleaved (round-robin) so that
-machine noise hits all of them alike; the table reports the median step time and its ratio to plain LoRA.
-Two supervision regimes: `cls` (one supervised answer token per sequence, classification as generation)
-and `sft` (every token after the first half supervised).
+machine noise hits all of them alike; the table reports the median step time and its ratio to plain LoRA
+with our head. Two supervision regimes: `cls` (one supervised answer token per sequence, classification as
+generation) and `sft` (every token after the first half supervised). Two depths: the 4-layer shape, where the
+vocabulary head is a large share of a step, and a deeper LLaMA-shaped one (16 layers) closer to real models.
+
+Modes: `hiddenkey` is the paper's method as shipped (latter half of the layers, one-branch KL, the first half
+computed once); `both` back-propagates the KL through both passes (R-Drop style), with the first half shared
+or, for `all layers`, with dropout in every layer (nothing to share).
 """
 from __future__ import annotations
 
@@ -54,6 +59,18 @@ def naive_kl_loss(model, ids, mask, labels, alpha=1.0):
     return ce + alpha * kl
 
 
+MODES = [  # (name, DropoutConfig overrides); preset none is the 1.00x reference
+    ("plain LoRA (our head)", {"preset": "none"}),
+    ("hiddenkey_nokl", {"preset": "hiddenkey_nokl"}),
+    ("hiddenkey (one-branch KL, shared first half)", {"preset": "hiddenkey"}),
+    ("hiddenkey, both-branch KL, shared first half", {"preset": "hiddenkey", "consistency_grad": "both"}),
+    ("hiddenkey, both-branch KL, all layers", {"preset": "hiddenkey", "consistency_grad": "both", "layers": "all"}),
+]
+REFERENCE = MODES[0][0]
+TARGETS = {"hiddenkey_nokl": 1.10, "hiddenkey (one-branch KL, shared first half)": 1.30,
+           "hiddenkey, both-branch KL, shared first half": 1.6, "hiddenkey, both-branch KL, all layers": 2.1}
+
+
 def make_steps(args, regime):
     from hiddenkey_ds.dropout import DropoutConfig
     from hiddenkey_ds.objective import HiddenKeyObjective
@@ -74,12 +91,12 @@ def make_steps(args, regime):
     stock = build_model(args).train()
     steps["plain LoRA (stock HF loss)"] = with_optimizer(
         stock, lambda: stock(input_ids=ids, attention_mask=mask, labels=labels).loss)
-    for name, preset in [("plain LoRA (our head)", "none"), ("hiddenkey_nokl", "hiddenkey_nokl"),
-                         ("hiddenkey (KL)", "hiddenkey")]:
-        obj = HiddenKeyObjective(build_model(args), DropoutConfig(preset=preset)).train()
+    for name, overrides in MODES:
+        obj = HiddenKeyObjective(build_model(args), DropoutConfig(**overrides)).train()
         steps[name] = with_optimizer(obj, lambda obj=obj: obj(input_ids=ids, attention_mask=mask, labels=labels).loss)
-    naive = HiddenKeyObjective(build_model(args), DropoutConfig(preset="hiddenkey_nokl")).train()
-    steps["naive KL, full logits"] = with_optimizer(naive, lambda: naive_kl_loss(naive.model, ids, mask, labels))
+    naive = HiddenKeyObjective(build_model(args), DropoutConfig(preset="hiddenkey_nokl", layers="all")).train()
+    steps["naive KL, full logits, all layers"] = with_optimizer(
+        naive, lambda: naive_kl_loss(naive.model, ids, mask, labels))
     return steps
 
 
@@ -129,7 +146,8 @@ def head_memory(variant, batch, seq, hidden, vocab, supervised, chunk_tokens=102
         total = 0.0
         for start in range(0, t.numel(), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            ce, cons, _ = checkpoint(_head_chunk, lm_head, h1[part], h2[part], t[part], "kl", use_reentrant=True)
+            ce, cons, _ = checkpoint(_head_chunk, lm_head, h1[part], h2[part], t[part], "kl", False,
+                                     use_reentrant=True)
             total = total + ce + cons
         (total / t.numel()).backward()
 
@@ -147,7 +165,7 @@ def head_memory(variant, batch, seq, hidden, vocab, supervised, chunk_tokens=102
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", default="4,16", help="depths to measure, comma-separated")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq", type=int, default=256)
@@ -158,18 +176,29 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small shape, few rounds")
     args = parser.parse_args()
     if args.quick:
-        args.hidden, args.layers, args.vocab, args.seq, args.rounds = 128, 2, 4000, 64, 3
+        args.hidden, args.layers, args.vocab, args.seq, args.rounds = 128, "4", 4000, 64, 3
     torch.set_num_threads(args.threads)
-    print(f"# shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
-          f"seq {args.seq}, batch {args.batch}, LoRA r=8 on q,v, {args.threads} threads, torch {torch.__version__}")
-    for regime in args.regimes.split(","):
-        medians = time_steps(make_steps(args, regime), rounds=args.rounds, warmup=1)
-        ref = medians["plain LoRA (our head)"]
-        print(f"\n## step time, regime `{regime}` (median of {args.rounds} interleaved rounds)\n")
-        print("| mode | step (s) | x plain LoRA (our head) |")
-        print("|---|---:|---:|")
-        for name, t in medians.items():
-            print(f"| {name} | {t:.3f} | {t / ref:.2f}x |")
+    depths = [int(d) for d in str(args.layers).split(",")]
+    print(f"# shape: hidden {args.hidden}, {'/'.join(map(str, depths))} layers, {args.heads} heads, vocab "
+          f"{args.vocab}, seq {args.seq}, batch {args.batch}, LoRA r=8 on q,v, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    regimes = args.regimes.split(",")
+    table = {}
+    for depth in depths:
+        args.layers = depth
+        for regime in regimes:
+            medians = time_steps(make_steps(args, regime), rounds=args.rounds, warmup=1)
+            table[(depth, regime)] = medians
+    names = list(next(iter(table.values())))
+    cols = list(table)
+    print(f"\n## step time: x plain LoRA with our head, measured side by side (median of {args.rounds} "
+          "interleaved rounds; seconds in parentheses)\n")
+    print("| mode | " + " | ".join(f"{d} layers, `{r}`" for d, r in cols) + " | target (cls) |")
+    print("|---|" + "---:|" * len(cols) + "---:|")
+    for name in names:
+        cells = [f"{table[c][name] / table[c][REFERENCE]:.2f}x ({table[c][name]:.3f} s)" for c in cols]
+        target = f"<= {TARGETS[name]:.2f}x" if name in TARGETS else ""
+        print(f"| {name} | " + " | ".join(cells) + f" | {target} |")
 
     seq, vocab = (2048, 32000) if not args.quick else (512, 8000)
     print(f"\n## loss-head peak memory (forward + backward, allocator peak), dual pass (2 x {args.batch} "
@@ -177,7 +206,7 @@ def main():
     print("| supervised tokens / sequence | naive full logits + KL (MiB) | chunked supervised-only (MiB) | ratio |")
     print("|---:|---:|---:|---:|")
     for sup in (4, seq // 2):
-        naive = head_memory("naive", args.batch, seq, args.hidden, vocab, sup)
+        naive = head_memory("naive", args.batch, seq, args.hidden, vocab, sup)  # noqa: the head alone
         chunked = head_memory("chunked", args.batch, seq, args.hidden, vocab, sup)
         print(f"| {sup} | {naive:.1f} | {chunked:.1f} | {chunked / naive:.4f} |")
 

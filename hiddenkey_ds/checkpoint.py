@@ -127,9 +127,12 @@ def _gathered(params: list[torch.nn.Parameter]):
     return nullcontext()
 
 
-def save_adapter(peft_model, out_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+ADAPTER_META = "hiddenkey_ds.json"   # beside the PEFT files: which step the adapter is from (PEFT ignores it)
+
+
+def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Collective: write the PEFT adapter (gathered under ZeRO-3) atomically, reload it and check it equals
-    the in-memory weights. Returns the saved state dict (rank 0) or {}."""
+    the in-memory weights; `meta` goes into ADAPTER_META inside it. Returns the saved state dict (rank 0) or {}."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -151,6 +154,8 @@ def save_adapter(peft_model, out_dir: str | os.PathLike) -> dict[str, torch.Tens
             for key, value in expected.items():
                 if value.shape != reloaded[key].shape or not torch.equal(value.to(reloaded[key].dtype), reloaded[key]):
                     raise RuntimeError(f"the reloaded adapter differs from the trained weights at {key}")
+            if meta is not None:
+                _fsync_write(tmp / ADAPTER_META, json.dumps(meta, indent=2))
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
             saved = reloaded

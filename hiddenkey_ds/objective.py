@@ -1,30 +1,39 @@
 """The training objective: cross-entropy on supervised tokens plus the consistency loss between two
 stochastic passes.
 
-    loss = 1/2 (CE_1 + CE_2) + alpha * C(p_1, p_2)
-    C = 1/2 (KL(p_1 || p_2) + KL(p_2 || p_1))          consistency="kl"  (HiddenKey)
+    consistency_grad="one_branch" (the paper): pass 2 runs without grad
+        loss = CE_1 + alpha * C(p_1, sg(p_2))
+    consistency_grad="both" (R-Drop style): gradients through both passes
+        loss = 1/2 (CE_1 + CE_2) + alpha * C(p_1, p_2)
+
+    C = 1/2 (KL(p_1 || p_2) + KL(p_2 || p_1))                    consistency="kl"  (HiddenKey)
     C = 1/2 (KL(p_1 || m) + KL(p_2 || m)), m = (p_1 + p_2) / 2   consistency="js"  (HiddenCut)
 
-Every term is a mean over supervised tokens (labels != -100, after the causal shift), computed in fp32,
-with gradients through both passes (no stop-gradient). With consistency="none" it is plain CE of one pass.
+Every term is a mean over supervised tokens (labels != -100, after the causal shift), computed in fp32. With
+consistency="none" it is plain CE of one pass.
 
-Two design points matter for speed and for DeepSpeed:
-- Both passes run as ONE forward over the concatenated batch [x; x] and one backward: two forwards before
-  one backward make ZeRO-1/2 reduce a partition twice and double ZeRO-3's all-gathers. The dropout masks
-  are drawn per batch row, so the two halves get independent masks.
+Design points that matter for speed and for DeepSpeed:
+- Both passes share the layers before the first one with dropout. No mask is drawn there and the weights and
+  input are the same, so the two passes are identical up to that layer: it runs once. From that layer on,
+  `both` duplicates the rows ([h; h], one batch: a second forward of the same LoRA weights before one backward
+  would make ZeRO-1/2 reduce a partition twice) and `one_branch` replays the remaining layers without grad.
+  Both are exact: tested against running the two passes in full.
+- One backward per micro-batch, whatever the mode.
 - The LM head runs only on supervised positions, in chunks of `chunk_tokens`, each chunk under activation
-  checkpointing: the loss never holds a (batch x sequence x vocabulary) tensor, and its peak memory is
-  bounded by one chunk's logits whatever the number of supervised tokens.
+  checkpointing: the loss never holds a (batch x sequence x vocabulary) tensor. Under ZeRO-3 every rank makes
+  the same number of head calls (the head's weight is gathered collectively), whatever its own token count.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hiddenkey_ds.dropout import DropoutConfig, apply_dropout, unwrap_model
+from hiddenkey_ds.dropout import DropoutConfig, apply_dropout, decoder_layers, dropout_handle, unwrap_model
 
 
 class LossOutput(NamedTuple):
@@ -52,64 +61,181 @@ def consistency_terms(logp1: torch.Tensor, logp2: torch.Tensor, kind: str) -> to
 
 
 def _head_chunk(lm_head: torch.nn.Module, h1: torch.Tensor, h2: torch.Tensor | None, y: torch.Tensor,
-                kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                kind: str, one_branch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_sum, consistency_sum, correct per token) for one chunk of supervised positions."""
     logp1 = F.log_softmax(lm_head(h1).float(), dim=-1)
     correct = logp1.detach().argmax(-1) == y
     ce = F.nll_loss(logp1, y, reduction="sum")
     if h2 is None:
         return ce, ce.new_zeros(()), correct
-    logp2 = F.log_softmax(lm_head(h2).float(), dim=-1)
-    ce = 0.5 * (ce + F.nll_loss(logp2, y, reduction="sum"))
-    cons = consistency_terms(logp1, logp2, kind).sum() if kind != "none" else ce.new_zeros(())
-    return ce, cons, correct
+    if one_branch:
+        with torch.no_grad():
+            logp2 = F.log_softmax(lm_head(h2).float(), dim=-1)
+    else:
+        logp2 = F.log_softmax(lm_head(h2).float(), dim=-1)
+        ce = 0.5 * (ce + F.nll_loss(logp2, y, reduction="sum"))
+    return ce, consistency_terms(logp1, logp2, kind).sum(), correct
+
+
+def _batch_rows(value: Any, rows: int, done: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """`value` with every batch-major tensor (>= 2 dims, leading dim `rows`) duplicated as [v; v]. `done` maps
+    tensors already duplicated in this forward to their copy: every layer gets the same mask, so one copy
+    serves them all (and is all that checkpointed layers keep)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != rows:
+            return value
+        if id(value) not in done:
+            done[id(value)] = (value, torch.cat([value, value]))  # the original is kept so its id stays unique
+        return done[id(value)][1]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batch_rows(v, rows, done) for v in value)
+    return value
 
 
 class HiddenKeyObjective(torch.nn.Module):
     """Wraps a (PEFT) causal LM: forward(input_ids, attention_mask, labels) -> LossOutput.
 
     Give this module, not the bare model, to `deepspeed.initialize`, so that the whole loss (both passes
-    and the head) runs inside the engine's forward.
+    and the head) runs inside the engine's forward. `share_prefix=False` runs the two passes in full from the
+    first layer (the reference the shared version is tested against).
     """
 
     def __init__(self, model: torch.nn.Module, config: DropoutConfig, chunk_tokens: int = 1024,
-                 apply: bool = True):
+                 apply: bool = True, share_prefix: bool = True):
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.model = model
         self.config = config
         self.chunk_tokens = chunk_tokens
-        if apply:
-            apply_dropout(model, config)
+        handle = apply_dropout(model, config) if apply else dropout_handle(model)
+        self._layers = handle.layers if handle is not None else decoder_layers(unwrap_model(model))
+        selected = handle.selected if handle is not None and config.active else []
+        self.prefix = self._shared_prefix(selected) if share_prefix and config.dual_pass else 0
+        # per-forward state of the layer hooks below
+        self._dup_rows: int | None = None                     # both: duplicate batches of this many rows
+        self._dup_done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._capture: dict[int, tuple[tuple, dict]] | None = None   # one_branch: inputs of the replayed layers
+        if self.prefix:
+            hook = self._duplicate if config.consistency_grad == "both" else self._record
+            for i in range(self.prefix, len(self._layers)):
+                self._layers[i].register_forward_pre_hook(
+                    lambda module, args, kwargs, i=i: hook(i, module, args, kwargs), with_kwargs=True)
 
-    def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        base = unwrap_model(self.model)
-        return base.get_decoder(), base.get_output_embeddings()
+    # -- the shared prefix ----------------------------------------------------------------------------------
+    def _shared_prefix(self, selected: list[int]) -> int:
+        """Index of the first layer where the two passes can differ; 0 when nothing can be shared."""
+        if not selected:
+            return 0
+        k = min(selected)
+        decoder = unwrap_model(self.model).get_decoder()
+        if not isinstance(getattr(decoder, "norm", None), torch.nn.Module):
+            return 0  # the replay needs the final norm by name
+        tail = {id(m) for layer in self._layers[k:] for m in layer.modules()}
+        for m in decoder.modules():
+            if id(m) in tail:
+                continue
+            # anything else random before layer k (PEFT's lora_dropout, a model's own attention dropout) makes
+            # the passes differ there
+            if isinstance(m, torch.nn.Dropout) and m.p > 0:
+                return 0
+            if float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0:
+                return 0
+        return k
+
+    def _duplicate(self, i: int, module, args, kwargs):
+        """both: from the first dropout layer on, the batch becomes [h; h] and so does every batch-major input."""
+        rows = self._dup_rows
+        if rows is None or not module.training:
+            return None
+        if i == self.prefix:  # the hidden states arrive with `rows` rows; B == 1 needs it said explicitly
+            if args:
+                args = (torch.cat([args[0], args[0]]), *args[1:])
+            else:
+                kwargs["hidden_states"] = torch.cat([kwargs["hidden_states"]] * 2)
+        if rows > 1:
+            kwargs = {k: _batch_rows(v, rows, self._dup_done) for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _record(self, i: int, module, args, kwargs) -> None:
+        if self._capture is not None:
+            self._capture[i] = (args, kwargs)
+
+    def _replay(self) -> torch.Tensor:
+        """one_branch: layers prefix.. and the final norm again, without grad, on pass 1's input of layer `prefix`."""
+        captured, self._capture = self._capture, None
+        args, kwargs = captured[self.prefix]
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        layers = self._layers[self.prefix:]
+        with torch.no_grad(), _checkpointing_off(layers):
+            for i, layer in enumerate(layers, self.prefix):
+                args, kwargs = captured[i]
+                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                out = layer(hidden, *args[1:], **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            return unwrap_model(self.model).get_decoder().norm(hidden)
+
+    # -- the loss -------------------------------------------------------------------------------------------
+    def _passes(self, decoder, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states of pass 1, of pass 2 or None), each (B, S, D)."""
+        batch = input_ids.shape[0]
+        dual = self.training and self.config.dual_pass
+        run = lambda ids, mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        if not dual:
+            self._dup_rows, self._dup_done = None, {}
+            return run(input_ids, attention_mask), None
+        if self.config.consistency_grad == "both":
+            if self.prefix:
+                # stays set after forward: a layer recomputed in backward must be duplicated again
+                self._dup_rows, self._dup_done = batch, {}
+                hidden = run(input_ids, attention_mask)
+            else:
+                cat = lambda t: None if t is None else torch.cat([t, t])
+                hidden = run(cat(input_ids), cat(attention_mask))
+            return hidden[:batch], hidden[batch:]
+        if self.prefix:
+            self._capture = {}
+            try:
+                hidden = run(input_ids, attention_mask)
+            except BaseException:
+                self._capture = None
+                raise
+            return hidden, self._replay()
+        hidden = run(input_ids, attention_mask)
+        with torch.no_grad(), _checkpointing_off(self._layers):
+            return hidden, run(input_ids, attention_mask)
+
+    def _head_calls(self, n: int, lm_head: torch.nn.Module, device: torch.device) -> int:
+        """Chunks of the head: the most any rank needs when ZeRO-3 partitions the head's weight (a rank making
+        fewer calls would leave the others waiting in an all-gather)."""
+        chunks = -(-n // self.chunk_tokens)
+        if dist.is_initialized() and dist.get_world_size() > 1 and any(hasattr(p, "ds_id") for p in lm_head.parameters()):
+            t = torch.tensor(chunks, dtype=torch.int64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            chunks = int(t.item())
+        return chunks
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 normalizer: float | torch.Tensor | None = None) -> LossOutput:
-        decoder, lm_head = self._decoder_and_head()
+        base = unwrap_model(self.model)
+        decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
         batch = input_ids.shape[0]
-        dual = self.training and self.config.dual_pass
-        if dual:
-            input_ids = torch.cat([input_ids, input_ids])
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask])
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden1, hidden2 = self._passes(decoder, input_ids, attention_mask)
 
         targets = labels[:, 1:]
         supervised = targets != -100
         y = targets[supervised]
-        h1 = hidden[:batch, :-1][supervised]
-        h2 = hidden[batch:, :-1][supervised] if dual else None
+        h1 = hidden1[:, :-1][supervised]
+        h2 = hidden2[:, :-1][supervised] if hidden2 is not None else None
         n = y.numel()
+        one_branch = self.config.consistency_grad == "one_branch"
 
-        ce_sum = cons_sum = hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = cons_sum = hidden1.new_zeros((), dtype=torch.float32)
         correct = []
-        for start in range(0, n, self.chunk_tokens):
-            part = slice(start, start + self.chunk_tokens)
-            args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency)
+        calls = self._head_calls(n, lm_head, hidden1.device)
+        for start in range(0, calls * self.chunk_tokens, self.chunk_tokens):
+            part = slice(start, start + self.chunk_tokens)  # past n: an empty chunk, for ZeRO-3's call count
+            args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency, one_branch)
             if torch.is_grad_enabled() and h1.requires_grad:
                 # reentrant: the recompute calls lm_head as a module again, so ZeRO-3 re-gathers its weight
                 # (the non-reentrant variant rejects a parameter whose storage ZeRO-3 swapped meanwhile)
@@ -121,9 +247,10 @@ class HiddenKeyObjective(torch.nn.Module):
 
         denom = normalizer if normalizer is not None else max(n, 1)
         loss = (ce_sum + self.config.alpha * cons_sum) / denom
-        if n == 0:
-            # keep every trainable parameter in the graph: DeepSpeed expects a gradient for each
-            loss = loss + lm_head(hidden[:, :1]).float().sum() * 0.0
+        if calls == 0:
+            # no rank has a supervised token: keep every trainable parameter in the graph (DeepSpeed expects a
+            # gradient for each), with the same head call on every rank
+            loss = loss + lm_head(hidden1[:, :1]).float().sum() * 0.0
 
         correct_t = torch.cat(correct) if correct else y.new_zeros(0, dtype=torch.bool)
         rows = supervised.nonzero()[:, 0]
@@ -139,3 +266,19 @@ class HiddenKeyObjective(torch.nn.Module):
             seq_correct=(has_tokens & (wrong_per_row == 0)).sum(),
             n_seqs=has_tokens.sum(),
         )
+
+
+@contextlib.contextmanager
+def _checkpointing_off(layers):
+    """A no-grad replay has nothing to recompute: run the layers' plain forward (and skip torch's
+    'no input requires grad' warning)."""
+    saved = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
+    for layer in layers:
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, saved):
+            if hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = flag

@@ -87,6 +87,7 @@ class RunLogger:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.info(f"run dir: {self.run_dir}")
         self.info(f"model: {recipe.model.name} | dropout: {recipe.dropout.describe()} | trainable params: {trainable:,}")
+        _atomic_write(self.run_dir / "data_report.json", json.dumps(data_report.to_dict(), indent=2))
         self.info(data_report.summary())
         self.info(f"DeepSpeed: ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}, "
                   f"global batch {ds_config['train_batch_size']}, {self.total_steps} steps")
@@ -131,8 +132,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
 
-    def finish(self, step: int, final_eval: dict[str, float] | None) -> None:
+    def finish(self, step: int, final_eval: dict[str, float] | None, best: dict[str, Any] | None = None) -> None:
         summary = {"steps": step, "wall_time_s": round(time.time() - self.started, 1),
-                   "final_eval": final_eval, "adapter": str(self.run_dir / "adapter")}
+                   "final_eval": final_eval, "adapter": str(self.run_dir / "adapter"), "best": best}
         _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.info(f"done: adapter in {self.run_dir / 'adapter'}")

@@ -165,6 +165,7 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
 
     import deepspeed
 
+    from hiddenkey_ds.best_adapter import BestAdapter
     from hiddenkey_ds.checkpoint import load_checkpoint, save_adapter, save_checkpoint
     from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
     from hiddenkey_ds.data.batching import MicroBatchStream
@@ -203,11 +204,13 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
     batches = MicroBatchStream(train_ds, sampler, collate, t.micro_batch_size)
     step = 0  # optimizer steps done
+    best = BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None)
     if state.resume_from is not None:
         client = load_checkpoint(engine, state.resume_from)
         step = client["step"]
         # checkpoints before MicroBatchStream stored (epoch, consumed) instead of the stream's own position
         batches.load_state_dict(client.get("data") or {"epoch": client["epoch"], "index": client["consumed"]})
+        best.best = client.get("best")
         log.truncate_after(step)
         if rank == 0 and state.safe_changes:
             write_resolved_recipe(run_dir, recipe)  # evaluation and reports read the settings in use now
@@ -221,7 +224,7 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
         log.info(partitioned)
 
     def checkpoint_state() -> dict:
-        return {"step": step, "data": batches.state_dict()}
+        return {"step": step, "data": batches.state_dict(), "best": best.state()}
 
     engine.train()
     window = log.new_window()
@@ -240,7 +243,9 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
             log.train_line(step, window.reduce(), lr)
             window = log.new_window()
         if eval_ds is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            log.eval_line(step, evaluate(engine, eval_ds, collate, t.micro_batch_size))
+            metrics = evaluate(engine, eval_ds, collate, t.micro_batch_size)
+            log.eval_line(step, metrics)
+            best.consider(model, step, metrics)
         if t.save_every and step % t.save_every == 0 and step < total_steps:
             save_checkpoint(engine, run_dir, step, checkpoint_state(), t.keep_checkpoints)
     log.close_progress()
@@ -248,10 +253,11 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     final_eval = evaluate(engine, eval_ds, collate, t.micro_batch_size) if eval_ds is not None else None
     if final_eval is not None:
         log.eval_line(step, final_eval)
+        best.consider(model, step, final_eval)
     save_checkpoint(engine, run_dir, step, checkpoint_state(), t.keep_checkpoints)
-    save_adapter(model, run_dir / "adapter")
+    save_adapter(model, run_dir / "adapter", meta={"kind": "final", "step": step})
     if rank == 0:
-        log.finish(step, final_eval)
+        log.finish(step, final_eval, best.state())
     dist.barrier()
     dist.destroy_process_group()
     return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and rank == 0, eval_section=recipe.eval)

@@ -132,7 +132,8 @@ def _record_masks(monkeypatch):
 def test_masks_independent_across_rows_heads_layers_and_passes(monkeypatch, pattern):
     seen = _record_masks(monkeypatch)
     model = tiny_model(num_hidden_layers=3)  # 4 query heads over 2 key/value heads (GQA)
-    cfg = DropoutConfig(preset="custom", key={"rate": 0.5, "pattern": pattern}, consistency="kl", alpha=1.0)
+    cfg = DropoutConfig(preset="custom", key={"rate": 0.5, "pattern": pattern}, consistency="kl", alpha=1.0,
+                        layers="all", consistency_grad="both")
     objective = HiddenKeyObjective(model, cfg)
     objective.train()
     ids, _ = padded_batch("none", batch=2, seq=24)
@@ -146,6 +147,88 @@ def test_masks_independent_across_rows_heads_layers_and_passes(monkeypatch, patt
         assert not torch.equal(flat[0], flat[1])  # batch rows
         assert not torch.equal(flat[0, 0], flat[0, 1])  # heads
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])  # layers
+
+
+def test_one_branch_draws_new_masks_for_the_second_pass(monkeypatch):
+    seen = _record_masks(monkeypatch)
+    model = tiny_model(num_hidden_layers=4)
+    objective = HiddenKeyObjective(model, DropoutConfig(preset="hiddenkey"))  # latter half: layers 2, 3
+    objective.train()
+    ids, _ = padded_batch("none", batch=2, seq=24)
+    objective(input_ids=ids, labels=ids.clone())
+    assert len(seen) == 4 and all(k.shape[0] == 2 for k in seen)  # pass 1: layers 2, 3; pass 2: layers 2, 3
+    assert not torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
+
+
+@pytest.mark.parametrize("layers, expected", [("latter_half", [2, 3]), ("all", [0, 1, 2, 3]), ("1-2", [1, 2]),
+                                              ([0, 3], [0, 3])])
+def test_masks_only_in_selected_layers(layers, expected):
+    """Attention masks are drawn and MLP outputs dropped in the selected layers only."""
+    model = tiny_model(num_hidden_layers=4)
+    handle = apply_dropout(model, DropoutConfig(preset="hiddenkey_nokl", key={"rate": 0.5},
+                                                hidden={"rate": 0.5}, layers=layers))
+    assert handle.selected == expected
+    drew, zeroed = [], {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda m, a, o, i=i: drew.append(i))
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: zeroed.__setitem__(i, (o == 0).float().mean().item()))
+    calls = []
+    monkey = attn_mod.attention_keep
+    try:
+        attn_mod.attention_keep = lambda *a, **k: calls.append(1) or monkey(*a, **k)
+        model.train()
+        with torch.no_grad():
+            model(input_ids=padded_batch("none", batch=4, seq=32)[0])
+    finally:
+        attn_mod.attention_keep = monkey
+    assert len(calls) == len(expected)
+    assert [i for i, frac in sorted(zeroed.items()) if frac > 0.3] == expected
+    assert all(frac == 0 for i, frac in zeroed.items() if i not in expected)
+
+
+def test_layer_selection_beyond_the_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="has 2 decoder layers"):
+        apply_dropout(tiny_model(), DropoutConfig(preset="hiddenkey", layers="1-5"))
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_keep_first_tokens_protects_the_sink(monkeypatch, side):
+    """The first N real tokens of each row are never dropped: not as key columns (for any query or head), not
+    in the MLP output; every other position still is."""
+    n = 2
+    model = tiny_model(num_hidden_layers=2)
+    cfg = DropoutConfig(preset="custom", key={"rate": 0.9, "pattern": "column"},
+                        hidden={"rate": 0.9, "pattern": "element"}, layers="all", keep_first_tokens=n)
+    apply_dropout(model, cfg)
+    ids, mask = padded_batch(side, batch=3, seq=16)
+    first = mask.argmax(1)  # first real position of each row
+    keeps, outs = [], []
+    original = attn_mod.attention_keep
+    monkeypatch.setattr(attn_mod, "_dropkey_mask",
+                        lambda visible, keep, dtype, f=attn_mod._dropkey_mask: keeps.append(keep) or f(visible, keep, dtype))
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda m, a, o: outs.append(o))
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert original is attn_mod.attention_keep and len(keeps) == 2 and len(outs) == 2
+    for keep, out in zip(keeps, outs):
+        for row in range(3):
+            sink = slice(int(first[row]), int(first[row]) + n)
+            assert keep[row, :, 0, sink].all()                      # sink columns kept for every head
+            assert (out[row, sink] != 0).all()                      # sink positions never zeroed
+            rest = torch.ones(16, dtype=torch.bool)
+            rest[sink] = False
+            assert (~keep[row, :, 0, rest]).float().mean() > 0.6    # the others still dropped at ~0.9
+            assert (out[row, rest] == 0).float().mean() > 0.6
+    # the sink positions pass through unscaled: the same as the model without dropout there
+    plain = tiny_model(num_hidden_layers=2)
+    plain.model.layers[0].mlp.register_forward_hook(lambda m, a, o: outs.append(o))
+    with torch.no_grad():
+        plain(input_ids=ids, attention_mask=mask)
+    row = 0
+    sink = slice(int(first[row]), int(first[row]) + n)
+    assert torch.allclose(outs[0][row, sink], outs[-1][row, sink], atol=1e-6)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -202,7 +285,7 @@ def test_empirical_hidden_drop_rate_and_shape(pattern):
 def test_model_level_hidden_rate_and_inverted_scale():
     """The MLP output is zeroed at the configured rate and survivors are scaled by 1/(1-p)."""
     model = tiny_model()
-    apply_dropout(model, DropoutConfig(preset="custom", hidden={"rate": 0.25, "pattern": "element"}))
+    apply_dropout(model, DropoutConfig(preset="custom", hidden={"rate": 0.25, "pattern": "element"}, layers="all"))
     model.train()
     mlp = model.model.layers[0].mlp
     captured = {}

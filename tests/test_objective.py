@@ -8,30 +8,36 @@ from hiddenkey_ds.objective import HiddenKeyObjective
 from tiny_models import padded_batch, tiny_model
 
 
+def _consistency(lp1, lp2, kind):
+    p1, p2 = lp1.exp(), lp2.exp()
+    if kind == "kl":
+        return 0.5 * ((p1 * (lp1 - lp2)).sum(-1) + (p2 * (lp2 - lp1)).sum(-1))
+    m = 0.5 * (p1 + p2)
+    return 0.5 * ((p1 * (lp1 - m.log())).sum(-1) + (p2 * (lp2 - m.log())).sum(-1))
+
+
 def naive_loss(model, ids, mask, labels, cfg, training):
-    """Full logits for every position, then the README's formulas, token-mean over supervised positions."""
+    """Full logits for every position, both passes run in full from the first layer, then the README's formulas,
+    token-mean over supervised positions. `both`: one forward over [x; x]; `one_branch`: a grad pass, then a
+    second pass without grad (the paper's NoGrad branch)."""
     dual = training and cfg.dual_pass
     batch = ids.shape[0]
-    if dual:
-        ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1]
     y = labels[:, 1:]
     sup = y != -100
-    logp = F.log_softmax(logits, -1)
-    ce1 = -logp[:batch].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
+    nll = lambda lp: -lp.gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
+    logp = lambda i, m: F.log_softmax(model(input_ids=i, attention_mask=m).logits.float()[:, :-1], -1)
     if not dual:
-        return ce1, torch.zeros(())
-    ce2 = -logp[batch:].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
-    p1, p2 = logp[:batch].exp(), logp[batch:].exp()
-    lp1, lp2 = logp[:batch], logp[batch:]
-    if cfg.consistency == "kl":
-        kl12 = (p1 * (lp1 - lp2)).sum(-1)
-        kl21 = (p2 * (lp2 - lp1)).sum(-1)
-        cons = (0.5 * (kl12 + kl21))[sup].mean()
+        return nll(logp(ids, mask)), torch.zeros(())
+    if cfg.consistency_grad == "both":
+        both = logp(torch.cat([ids, ids]), torch.cat([mask, mask]))
+        lp1, lp2 = both[:batch], both[batch:]
+        ce = 0.5 * (nll(lp1) + nll(lp2))
     else:
-        m = 0.5 * (p1 + p2)
-        cons = (0.5 * ((p1 * (lp1 - m.log())).sum(-1) + (p2 * (lp2 - m.log())).sum(-1)))[sup].mean()
-    return 0.5 * (ce1 + ce2), cons
+        lp1 = logp(ids, mask)
+        with torch.no_grad():
+            lp2 = logp(ids, mask)
+        ce = nll(lp1)
+    return ce, _consistency(lp1, lp2, cfg.consistency)[sup].mean()
 
 
 def _labels(ids, mask):
@@ -40,52 +46,136 @@ def _labels(ids, mask):
     return labels
 
 
+def _loss_and_grads(cfg, ids, mask, labels, chunk=1024, use_objective=True, share_prefix=True, layers=4,
+                    checkpointing=False):
+    model = tiny_model(num_hidden_layers=layers)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    objective = HiddenKeyObjective(model, cfg, chunk_tokens=chunk, share_prefix=share_prefix)
+    objective.train()
+    torch.manual_seed(11)  # the same masks in every computation
+    if use_objective:
+        out = objective(input_ids=ids, attention_mask=mask, labels=labels)
+        loss, ce, cons = out.loss, out.ce, out.consistency
+    else:
+        ce, cons = naive_loss(model, ids, mask, labels, cfg, training=True)
+        loss = ce + cfg.alpha * cons
+    loss.backward()
+    return loss.detach(), ce.detach(), cons.detach(), {n: p.grad for n, p in model.named_parameters()}, objective
+
+
+def _assert_same(a, b, tol):
+    (l1, ce1, c1, g1), (l2, ce2, c2, g2) = a[:4], b[:4]
+    assert torch.allclose(l1, l2, atol=tol, rtol=tol), (l1, l2)
+    assert torch.allclose(ce1, ce2, atol=tol, rtol=tol), (ce1, ce2)
+    assert torch.allclose(c1, c2, atol=tol, rtol=tol), (c1, c2)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        if g1[name] is None or g2[name] is None:
+            assert g1[name] is None and g2[name] is None, name
+        else:
+            assert torch.allclose(g1[name], g2[name], atol=tol, rtol=max(tol, 1e-4)), name
+
+
 @pytest.mark.parametrize("preset", ["none", "hiddenkey", "hiddenkey_nokl", "hiddencut", "dropkey"])
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_values_and_gradients_match_naive_reference(preset, chunk, side):
+    """The presets as shipped (latter half, one-branch consistency with the shared first half) equal the naive
+    computation."""
     cfg = DropoutConfig(preset=preset)
     ids, mask = padded_batch(side, seq=16)
     labels = _labels(ids, mask)
-    results = []
-    for use_objective in (True, False):
-        model = tiny_model()
-        objective = HiddenKeyObjective(model, cfg, chunk_tokens=chunk)
-        objective.train()
-        torch.manual_seed(11)  # the same masks in both computations
-        if use_objective:
-            out = objective(input_ids=ids, attention_mask=mask, labels=labels)
-            loss, ce, cons = out.loss, out.ce, out.consistency
-        else:
-            ce, cons = naive_loss(model, ids, mask, labels, cfg, training=True)
-            loss = ce + cfg.alpha * cons
-        loss.backward()
-        results.append((loss.detach(), ce.detach(), cons.detach(),
-                        {n: p.grad for n, p in model.named_parameters()}))
-    (l1, ce1, c1, g1), (l2, ce2, c2, g2) = results
-    assert torch.allclose(l1, l2, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(ce1, ce2, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(c1, c2, atol=1e-5, rtol=1e-5)
+    ours = _loss_and_grads(cfg, ids, mask, labels, chunk)
+    assert ours[4].prefix == (2 if cfg.dual_pass else 0)
+    _assert_same(ours, _loss_and_grads(cfg, ids, mask, labels, chunk, use_objective=False), 1e-5)
     if cfg.dual_pass:
-        assert c1 > 0
-    for name in g1:
-        assert torch.allclose(g1[name], g2[name], atol=1e-5, rtol=1e-4), name
+        assert ours[2] > 0
 
 
-def test_both_passes_run_as_one_forward():
-    model = tiny_model()
+@pytest.mark.parametrize("grad", ["one_branch", "both"])
+@pytest.mark.parametrize("layers", ["all", "latter_half", "1-2"])
+@pytest.mark.parametrize("preset", ["hiddenkey", "hiddencut"])
+def test_consistency_gradient_modes_match_naive_reference(grad, layers, preset):
+    cfg = DropoutConfig(preset=preset, consistency_grad=grad, layers=layers)
+    ids, mask = padded_batch("left", seq=16)
+    labels = _labels(ids, mask)
+    ours = _loss_and_grads(cfg, ids, mask, labels, chunk=7)
+    _assert_same(ours, _loss_and_grads(cfg, ids, mask, labels, chunk=7, use_objective=False), 1e-5)
+
+
+@pytest.mark.parametrize("grad", ["one_branch", "both"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("sink", [0, 2])
+def test_shared_first_half_is_exact(grad, checkpointing, sink):
+    """Computing the layers before the first dropout layer once equals running both passes in full."""
+    cfg = DropoutConfig(preset="hiddenkey", consistency_grad=grad, keep_first_tokens=sink)
+    ids, mask = padded_batch("left", seq=16)
+    labels = _labels(ids, mask)
+    shared = _loss_and_grads(cfg, ids, mask, labels, checkpointing=checkpointing)
+    full = _loss_and_grads(cfg, ids, mask, labels, share_prefix=False, checkpointing=checkpointing)
+    assert shared[4].prefix == 2 and full[4].prefix == 0
+    _assert_same(shared, full, 1e-6)
+
+
+def test_one_branch_gradient_is_the_grad_pass_only():
+    """one_branch: p2 is a constant. Its gradient equals d/dtheta [CE(p1) + alpha C(p1, const p2)], which is not
+    the gradient of the symmetric (both) objective on the same masks."""
+    ids, mask = padded_batch("right", seq=16)
+    labels = _labels(ids, mask)
+    one = _loss_and_grads(DropoutConfig(preset="hiddenkey", layers="all"), ids, mask, labels)
+    both = _loss_and_grads(DropoutConfig(preset="hiddenkey", layers="all", consistency_grad="both"), ids, mask,
+                           labels)
+    name = next(n for n, g in one[3].items() if g is not None and "q_proj" in n)
+    assert (one[3][name] - both[3][name]).abs().max() > 1e-4
+
+
+def test_lora_dropout_disables_sharing():
+    """PEFT's lora_dropout makes the layers before the first dropout layer random: nothing is shared."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(num_hidden_layers=4),
+                                peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    assert HiddenKeyObjective(model, DropoutConfig(preset="hiddenkey")).prefix == 0
+    model = peft.get_peft_model(tiny_model(num_hidden_layers=4),
+                                peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    assert HiddenKeyObjective(model, DropoutConfig(preset="hiddenkey")).prefix == 2
+
+
+def _layer_calls(model):
     calls = []
-    model.model.register_forward_hook(lambda m, a, kw, o: calls.append(kw["input_ids"].shape), with_kwargs=True)
-    objective = HiddenKeyObjective(model, DropoutConfig(preset="hiddenkey"))
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(
+            lambda m, a, kw, i=i: calls.append((i, (a[0] if a else kw["hidden_states"]).shape[0],
+                                                torch.is_grad_enabled())), with_kwargs=True)
+    return calls
+
+
+def test_passes_and_their_cost():
+    """What runs: all-layer `both` is one forward over [x; x]; latter-half `both` runs the first half on x and
+    the rest on [h; h]; `one_branch` replays only the latter half, without grad; evaluation is one pass."""
     ids, mask = padded_batch("left")
-    objective.train()
-    objective(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss.backward()
-    assert calls == [torch.Size([6, 12])]  # [x; x] in one call
-    calls.clear()
-    objective.eval()
-    with torch.no_grad():
-        objective(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask))
-    assert calls == [torch.Size([3, 12])]  # evaluation: one deterministic pass
+    labels = _labels(ids, mask)
+    expect = {
+        ("all", "both"): [(i, 6, True) for i in range(4)],
+        ("latter_half", "both"): [(0, 3, True), (1, 3, True), (2, 6, True), (3, 6, True)],
+        ("latter_half", "one_branch"): [(0, 3, True), (1, 3, True), (2, 3, True), (3, 3, True),
+                                        (2, 3, False), (3, 3, False)],
+        ("all", "one_branch"): [(i, 3, True) for i in range(4)] + [(i, 3, False) for i in range(4)],
+    }
+    for (layers, grad), calls_expected in expect.items():
+        model = tiny_model(num_hidden_layers=4)
+        objective = HiddenKeyObjective(model, DropoutConfig(preset="hiddenkey", layers=layers, consistency_grad=grad))
+        calls = _layer_calls(model)
+        objective.train()
+        objective(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        # (the objective's hooks run first: layer 2 already receives the duplicated [h; h])
+        assert calls == calls_expected, (layers, grad, calls)
+        calls.clear()
+        objective.eval()
+        with torch.no_grad():
+            objective(input_ids=ids, attention_mask=mask, labels=labels)
+        assert calls == [(i, 3, False) for i in range(4)]
 
 
 def test_normalizer_gives_sum_over_normalizer():

@@ -118,6 +118,18 @@ class DataSection(_Section):
     )
     max_train_examples: int | None = Field(None, gt=0, description="use a seeded random subset of the training split")
     max_eval_examples: int | None = Field(None, gt=0, description="use the first N evaluation examples")
+    validation_from_train: int | float | None = Field(
+        None, gt=0,
+        description="carve the loop's validation split from the training data: N examples, or a fraction if < 1 "
+        "(seeded by split_seed, the same for every run.seed); it replaces eval_split in the loop and picks "
+        "adapter_best, so the split a table is scored on (lm-eval, eval_split) never picks a checkpoint",
+    )
+    split_seed: int = Field(0, description="seeds validation_from_train and label_noise (not the run's seed)")
+    label_noise: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="classification: flip this fraction of the training labels to another class (seeded by "
+        "split_seed and run.seed; the carved validation keeps its labels): makes memorization visible",
+    )
     shuffle: bool = Field(True, description="reshuffle training data every epoch (seeded by run.seed and the epoch)")
 
     @field_validator("task")
@@ -132,8 +144,19 @@ class DataSection(_Section):
         except KeyError as err:
             raise ValueError(str(err.args[0])) from None
 
+    @field_validator("validation_from_train")
+    @classmethod
+    def _carve_size(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and v >= 1:
+            if v.is_integer():
+                return int(v)
+            raise ValueError(f"validation_from_train={v}: a fraction must be < 1 (e.g. 0.1) and a count whole")
+        return v
+
     @model_validator(mode="after")
     def _format_needs(self) -> "DataSection":
+        if self.label_noise and self.format != "classification":
+            raise ValueError("label_noise flips class labels: it needs format=classification")
         if self.format == "classification" and self.task is None:
             raise ValueError("format=classification needs a task template: set data.task (e.g. rte)")
         if self.path is None and self.task is None:
@@ -167,6 +190,9 @@ class TrainSection(_Section):
     log_every: int = Field(10, gt=0, description="optimizer steps between train metric lines")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between evaluations; null = at the end only")
     save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints; null = at the end only")
+    keep_best: bool = Field(
+        True, description="also keep the adapter of the best validation step (accuracy, then loss) in "
+        "output_dir/adapter_best (the paper's best-epoch protocol); needs a validation split")
     keep_checkpoints: int = Field(2, gt=0, description="newest complete checkpoints kept in output_dir/checkpoints")
 
     @field_validator("warmup")

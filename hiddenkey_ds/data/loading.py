@@ -63,7 +63,8 @@ def _missing_split(split: str, available: list[str], where: str, key: str) -> Re
 def load_splits(data: Any) -> dict[str, Any]:
     """{"train": Dataset, "eval": Dataset or None} for a recipe's `data` section."""
     wanted = {"train": (canonical_split(data.train_split), "data.train_split")}
-    if data.eval_split is not None:
+    # a validation split carved from the training data replaces the evaluation split in the loop
+    if data.eval_split is not None and not getattr(data, "validation_from_train", None):
         wanted["eval"] = (canonical_split(data.eval_split), "data.eval_split")
     out: dict[str, Any] = {"train": None, "eval": None}
 

@@ -146,10 +146,47 @@ def _empty_problem(role: str, report: SplitReport, data: Any) -> str:
     )
 
 
+def _carve_validation(train: Any, size: int | float, seed: int) -> tuple[Any, Any, str]:
+    """(train without the carved rows, carved validation, sha1 of the carved row positions)."""
+    import hashlib
+
+    import numpy as np
+
+    n = size if isinstance(size, int) else int(round(size * len(train)))
+    if not 0 < n < len(train):
+        raise RecipeError(f"data.validation_from_train={size}: {n} of {len(train)} training rows would leave no "
+                          "training or no validation data (hint: a count below the training rows, or a fraction)")
+    perm = np.random.default_rng(seed).permutation(len(train))
+    val, rest = np.sort(perm[:n]), np.sort(perm[n:])
+    digest = hashlib.sha1(val.astype(np.int64).tobytes()).hexdigest()
+    return train.select(rest, keep_in_memory=True), train.select(val, keep_in_memory=True), digest
+
+
+def _flip_labels(ds: Any, template: Any, fraction: float, seed: tuple[int, int]) -> tuple[Any, int]:
+    """Exactly round(fraction x rows) labels moved to another class, chosen uniformly (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(list(seed))
+    n = int(round(fraction * len(ds)))
+    chosen = set(rng.choice(len(ds), size=n, replace=False).tolist())
+    shifts = rng.integers(1, len(template.choices), size=len(ds))  # to another class, uniformly
+    field, k = template.label_field, len(template.choices)
+
+    def flip(example: dict, idx: int) -> dict:
+        if idx in chosen:
+            example[field] = (template.label_id(example) + int(shifts[idx])) % k
+        return example
+
+    return ds.map(flip, with_indices=True, keep_in_memory=True, load_from_cache_file=False,
+                  desc="flipping labels"), n
+
+
 def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     """(train_ds, eval_ds or None, report). Datasets hold `input_ids` and `labels` (-100 off the answer).
 
-    The training subset (data.max_train_examples) is a seeded random sample; evaluation takes the first N.
+    With data.validation_from_train the evaluation split is carved from the training split first (seeded by
+    data.split_seed). The training subset (data.max_train_examples) is then a seeded random sample (run.seed);
+    data.label_noise flips labels in it; evaluation takes the first N (max_eval_examples).
     Raises RecipeError for missing columns, missing splits and splits left empty by filtering.
     """
     data = recipe.data
@@ -157,6 +194,10 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     report = DataReport(source=source, format=data.format, task=data.task, max_length=data.max_length)
     splits = load_splits(data)
     _check_columns(data, splits)
+    carved = None
+    if data.validation_from_train:
+        splits["train"], splits["eval"], carved = _carve_validation(splits["train"], data.validation_from_train,
+                                                                   data.split_seed)
     render = _Renderer(data, tokenizer)
     out: dict[str, Any] = {"train": None, "eval": None}
     problems = []
@@ -168,6 +209,11 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
         if limit is not None and limit < len(ds):
             ds = ds.shuffle(seed=recipe.run.seed).select(range(limit)) if role == "train" else ds.select(range(limit))
         split_report.selected = len(ds)
+        if role == "eval" and carved is not None:
+            split_report.carved_from, split_report.carved_ids = data.train_split, carved
+        if role == "train" and data.label_noise:
+            ds, split_report.labels_flipped = _flip_labels(ds, render.template, data.label_noise,
+                                                           (data.split_seed, recipe.run.seed))
         out[role] = _tokenize_split(ds, role, render, tokenizer, data, split_report)
         if split_report.kept == 0:
             problems.append(_empty_problem(role, split_report, data))

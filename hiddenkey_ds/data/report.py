@@ -14,6 +14,9 @@ class SplitReport:
     dropped_too_long: int = 0     # the answer alone does not fit, or data.truncation=drop
     dropped_unlabelled: int = 0   # label outside the verbalizer (e.g. -1 in GLUE test splits)
     dropped_invalid: int = 0      # sft: empty response or no final assistant turn
+    carved_from: str | None = None    # validation carved from this split (data.validation_from_train)
+    carved_ids: str | None = None     # sha1 of the carved rows' positions in it: the same split across runs
+    labels_flipped: int = 0       # training labels flipped by data.label_noise
 
     @property
     def dropped(self) -> int:
@@ -23,6 +26,10 @@ class SplitReport:
         parts = [f"{self.kept} kept of {self.selected}"]
         if self.selected != self.rows:
             parts[0] += f" selected from {self.rows}"
+        if self.carved_from:
+            parts.append(f"carved from {self.carved_from} (rows sha1 {self.carved_ids[:10]})")
+        if self.labels_flipped:
+            parts.append(f"{self.labels_flipped} labels flipped (data.label_noise)")
         if self.truncated:
             parts.append(f"{self.truncated} truncated (prompt cut from the left)")
         for what, n in (("too long", self.dropped_too_long), ("unlabelled", self.dropped_unlabelled),

@@ -10,7 +10,7 @@ from typing import Any
 from hiddenkey_ds.dropout.config import PRESETS, AttentionDropout, DropoutConfig, HiddenDropout, KeyDropout
 
 _LAZY = {name: "hiddenkey_ds.dropout.apply" for name in
-         ("DropoutHandle", "apply_dropout", "remove_dropout", "unwrap_model")}
+         ("DropoutHandle", "apply_dropout", "decoder_layers", "dropout_handle", "remove_dropout", "unwrap_model")}
 
 __all__ = ["PRESETS", "AttentionDropout", "DropoutConfig", "HiddenDropout", "KeyDropout", *_LAZY]
 

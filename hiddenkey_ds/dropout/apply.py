@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 from hiddenkey_ds.dropout import attention
 from hiddenkey_ds.dropout.config import DropoutConfig
 from hiddenkey_ds.dropout.hidden import make_mlp_hook
+from hiddenkey_ds.dropout.masks import SinkTokens
 
 _HANDLE_ATTR = "_hiddenkey_handle"
 
@@ -42,6 +43,8 @@ class DropoutHandle:
     model: PreTrainedModel
     config: DropoutConfig
     previous_attn: str | None
+    layers: list[torch.nn.Module] = field(default_factory=list)   # every decoder layer, in order
+    selected: list[int] = field(default_factory=list)             # indices of the layers that get dropout
     attention_modules: list[torch.nn.Module] = field(default_factory=list)
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
@@ -49,8 +52,9 @@ class DropoutHandle:
         for hook in self.hooks:
             hook.remove()
         for module in self.attention_modules:
-            if hasattr(module, attention.CONFIG_ATTR):
-                delattr(module, attention.CONFIG_ATTR)
+            for attr in (attention.CONFIG_ATTR, attention.SINK_ATTR):
+                if hasattr(module, attr):
+                    delattr(module, attr)
         if self.previous_attn is not None:
             self.model.set_attn_implementation(self.previous_attn)
         self.hooks, self.attention_modules, self.previous_attn = [], [], None
@@ -61,17 +65,23 @@ class DropoutHandle:
 def apply_dropout(model: torch.nn.Module, config: DropoutConfig) -> DropoutHandle:
     """Apply `config` to `model` (a PreTrainedModel or a PeftModel) in place and return a handle to undo it.
 
+    Only the layers `config.layers` selects get dropout (the latter half by default, as in the paper).
     Attention-side dropout switches the model to the registered "hiddenkey" attention function (sdpa
-    underneath); hidden dropout adds a forward hook on each decoder layer's MLP. Masks are drawn only in
-    training mode: in eval mode the model computes exactly what it computed before. Applying again
-    replaces the previous configuration.
+    underneath; unselected layers take its plain sdpa path); hidden dropout adds a forward hook on each selected
+    layer's MLP. Masks are drawn only in training mode: in eval mode the model computes exactly what it
+    computed before. Applying again replaces the previous configuration.
     """
     base = unwrap_model(model)
     previous: DropoutHandle | None = getattr(base, _HANDLE_ATTR, None)
     if previous is not None:
         previous.remove()
     layers = decoder_layers(base)
-    handle = DropoutHandle(model=base, config=config, previous_attn=None)
+    selected = config.layer_indices(len(layers))
+    handle = DropoutHandle(model=base, config=config, previous_attn=None, layers=layers, selected=selected)
+    sink = None
+    if config.keep_first_tokens and config.active:
+        sink = SinkTokens(config.keep_first_tokens)
+        handle.hooks.append(base.get_decoder().register_forward_pre_hook(sink.record, with_kwargs=True))
 
     if config.touches_attention:
         if not base._can_set_attn_implementation():
@@ -84,16 +94,23 @@ def apply_dropout(model: torch.nn.Module, config: DropoutConfig) -> DropoutHandl
         if current != attention.ATTN_NAME:
             handle.previous_attn = current
             base.set_attn_implementation(attention.ATTN_NAME)
-        for layer in layers:
-            setattr(layer.self_attn, attention.CONFIG_ATTR, config)
-            handle.attention_modules.append(layer.self_attn)
+        for i in selected:
+            setattr(layers[i].self_attn, attention.CONFIG_ATTR, config)
+            if sink is not None:
+                setattr(layers[i].self_attn, attention.SINK_ATTR, sink)
+            handle.attention_modules.append(layers[i].self_attn)
 
     if config.touches_hidden:
-        hook = make_mlp_hook(config.hidden)
-        handle.hooks = [layer.mlp.register_forward_hook(hook) for layer in layers]
+        hook = make_mlp_hook(config.hidden, sink)
+        handle.hooks += [layers[i].mlp.register_forward_hook(hook) for i in selected]
 
     setattr(base, _HANDLE_ATTR, handle)
     return handle
+
+
+def dropout_handle(model: torch.nn.Module) -> DropoutHandle | None:
+    """The handle of the configuration applied to `model`, or None."""
+    return getattr(unwrap_model(model), _HANDLE_ATTR, None)
 
 
 def remove_dropout(model: torch.nn.Module) -> None:

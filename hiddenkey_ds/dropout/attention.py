@@ -18,10 +18,11 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hiddenkey_ds.dropout.config import REBUILD_MASK_BYTES, DropoutConfig
-from hiddenkey_ds.dropout.masks import attention_keep, expected_keep
+from hiddenkey_ds.dropout.masks import SinkTokens, attention_keep, expected_keep
 
 ATTN_NAME = "hiddenkey"
 CONFIG_ATTR = "_hiddenkey_dropout"
+SINK_ATTR = "_hiddenkey_sink"   # a masks.SinkTokens when dropout.keep_first_tokens > 0
 
 # What DropKey adds to a dropped logit. Large enough that exp() of it is exactly 0 next to any kept logit
 # in fp32/bf16/fp16, finite (so no -inf arithmetic and no NaN rows) and far from the causal/padding fill
@@ -129,8 +130,14 @@ def hiddenkey_attention_forward(
     k_len = key.shape[2]
     visible = _visible(attention_mask, q_len, k_len, query.device)
 
+    sink: SinkTokens | None = getattr(module, SINK_ATTR, None)
+    # the protected key columns (B, 1, 1, K): never dropped, for any query or head
+    protected = sink.positions(batch, k_len, query.device)[:, None, None, :] if sink is not None else None
+
     keep = (attention_keep(cfg.key.pattern, cfg.key.rate, batch, heads, q_len, k_len, query.device)
             if cfg.key.rate > 0 else None)
+    if keep is not None and protected is not None:
+        keep = keep | protected
 
     if cfg.attention.rate == 0:
         # DropKey alone stays on the fused kernel: the drop is one more additive mask. A large (B, H, Q, K)
@@ -150,6 +157,8 @@ def hiddenkey_attention_forward(
     weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
     att = cfg.attention
     keep = attention_keep(att.pattern, att.rate, batch, heads, q_len, k_len, query.device)
+    if protected is not None:
+        keep = keep | protected
     weights = _rescale_weights(weights, keep, att.rescale, expected_keep(att.pattern, att.rate, k_len))
     if dropout > 0:
         weights = F.dropout(weights, p=dropout, training=True)

@@ -6,6 +6,7 @@ is reported at start-up.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,6 +17,8 @@ Pattern = Literal["element", "column", "span"]
 # planner (hiddenkey_ds/plan.py) models the same rule, so it lives here, importable without torch.
 REBUILD_MASK_BYTES = 64 * 2**20
 Consistency = Literal["none", "kl", "js"]
+ConsistencyGrad = Literal["one_branch", "both"]
+LAYER_WORDS = ("all", "latter_half")
 
 
 class _Strict(BaseModel):
@@ -84,6 +87,26 @@ class DropoutConfig(_Strict):
     hidden: HiddenDropout = HiddenDropout()
     consistency: Consistency = "none"
     alpha: float = Field(0.0, ge=0.0, description="weight of the consistency loss between the two passes")
+    # The paper regularizes decoder-only models (GPT2, LLaMA2) in the latter half of the layers only: dropping in
+    # every layer gave little gain or degradation and was very rate-sensitive (noise amplified by a fragile
+    # shallow forward pass).
+    layers: str | list[int] = Field(
+        "latter_half",
+        description="decoder layers that get dropout: latter_half (the paper, for decoders), all, an inclusive "
+        "0-based range 'A-B', or a list of indices",
+    )
+    # The paper back-propagates the consistency loss through one branch; the second pass is a no-grad branch.
+    consistency_grad: ConsistencyGrad = Field(
+        "one_branch",
+        description="one_branch (the paper): the second pass runs without grad, loss = CE(pass 1) + alpha x "
+        "C(p1, detached p2); both (R-Drop style): loss = mean CE of both passes + alpha x C, grads through both",
+    )
+    # Beyond the paper: models with attention sinks carry massive activations on their first token (SmolLM2-135M:
+    # an MLP output of 27,000 in one channel); dropping it is most of the early-layer damage.
+    keep_first_tokens: int = Field(
+        0, ge=0, description="never drop the first N real tokens of each row (attention-sink protection): not as "
+        "DropKey/DropAttention key columns, not in hidden dropout; 0 = the paper (no protection)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +131,32 @@ class DropoutConfig(_Strict):
         if v != v or v == float("inf"):
             raise ValueError("alpha must be finite")
         return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_spec(cls, v: str | list[int]) -> str | list[int]:
+        if isinstance(v, list):
+            if not v or any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError(f"layers={v}: a list of distinct, non-negative layer indices (e.g. [12, 13, 14])")
+            return sorted(v)
+        if v in LAYER_WORDS:
+            return v
+        if re.fullmatch(r"\d+-\d+", v) and int(v.split("-")[0]) <= int(v.split("-")[1]):
+            return v
+        raise ValueError(f"layers={v!r}: use latter_half, all, an inclusive range like '12-29', or a list of indices")
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The 0-based indices of the decoder layers that get dropout in a model with `n_layers` layers."""
+        if self.layers == "all":
+            return list(range(n_layers))
+        if self.layers == "latter_half":
+            return list(range(n_layers // 2, n_layers))
+        chosen = list(range(int(self.layers.split("-")[0]), int(self.layers.split("-")[1]) + 1)) \
+            if isinstance(self.layers, str) else list(self.layers)
+        if chosen[-1] >= n_layers:
+            raise ValueError(f"dropout.layers={self.layers}: the model has {n_layers} decoder layers "
+                             f"(indices 0-{n_layers - 1}) (hint: latter_half or a range inside 0-{n_layers - 1})")
+        return chosen
 
     @model_validator(mode="after")
     def _coherent(self) -> "DropoutConfig":
@@ -153,6 +202,10 @@ class DropoutConfig(_Strict):
             parts.append(f"attention/{self.attention.pattern}/{self.attention.rescale} p={self.attention.rate:g}")
         if self.hidden.rate:
             parts.append(f"hidden/{self.hidden.pattern}/{self.hidden.rescale} p={self.hidden.rate:g}")
+        if parts:
+            parts.append(f"layers {self.layers if isinstance(self.layers, str) else self.layers}")
+        if self.keep_first_tokens:
+            parts.append(f"first {self.keep_first_tokens} tokens kept")
         if self.dual_pass:
-            parts.append(f"{self.consistency} alpha={self.alpha:g}")
+            parts.append(f"{self.consistency} alpha={self.alpha:g} ({self.consistency_grad.replace('_', ' ')})")
         return f"{self.preset}: " + (", ".join(parts) if parts else "no dropout")

@@ -64,3 +64,40 @@ def expected_keep(pattern: str, rate: float, length: int) -> float:
     if pattern == "span":
         return 1.0 - span_length(rate, length) / length if length else 1.0
     return 1.0 - rate
+
+
+class SinkTokens:
+    """Where each row's first `n` real tokens are, for the forward pass under way (attention-sink protection).
+
+    A forward pre-hook on the decoder records the first real position of every row from its 2-D padding mask
+    (left padding moves it); the attention function and the hidden-dropout hooks then keep those positions.
+    A batch that reaches a layer duplicated ([x; x], the dual pass) maps row r to row r mod the recorded batch.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.first: torch.Tensor | None = None
+
+    def record(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            self.first = mask.to(torch.int64).argmax(dim=1)   # index of the first 1: right padding gives 0
+        elif ids is not None:
+            self.first = torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device)
+        else:
+            self.first = None
+
+    def positions(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
+        """Bool (rows, length): True at the protected positions."""
+        first = self.first if self.first is not None else torch.zeros(1, dtype=torch.int64, device=device)
+        if rows != first.shape[0]:
+            if rows % first.shape[0]:
+                raise RuntimeError(f"a batch of {rows} rows reached a dropout layer after a forward of "
+                                   f"{first.shape[0]} rows; keep_first_tokens cannot place the sink")
+            first = first.repeat(rows // first.shape[0])
+        pos = torch.arange(length, device=device)
+        first = first.to(device)[:, None]
+        return (pos >= first) & (pos < first + self.n)
