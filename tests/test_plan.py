@@ -104,28 +104,41 @@ def test_checkpointing_keeps_one_input_per_layer_plus_one_recomputed_layer():
 
 def test_hiddenkey_doubles_tokens_and_rebuilds_the_dropkey_mask():
     lora = estimate(cfg())
-    hk = estimate(cfg(dual_pass=True, key_dropout=True, hidden_dropout=True))
-    kept = estimate(cfg(dual_pass=True, key_dropout=True, hidden_dropout=True, rebuild_mask_bytes=2**62))
+    hk_kw = dict(dual_pass=True, key_dropout=True, hidden_dropout=True, consistency_grad="both", dropout_layers="all")
+    hk = estimate(cfg(**hk_kw))
+    kept = estimate(cfg(**hk_kw, rebuild_mask_bytes=2**62))
     masks = "  of which DropKey/DropAttention (S x S) masks"
     # rebuilt in backward, the (2B, H, S, S) masks are not kept: a small fraction of keeping them (the saved-bytes
     # probes below check both branches against autograd)
     assert hk.row(masks).bytes < kept.row(masks).bytes / 100
     assert hk.extras["mask_build"] > kept.extras["mask_build"]  # the mask is built twice, kept nowhere
     assert hk.full_activation_bytes > 1.9 * lora.full_activation_bytes  # twice the tokens, less sdpa's output
-    dual = hk.row("  of which HiddenKey dual pass [x; x]")
+    dual = hk.row("  of which HiddenKey dual pass")
     assert not dual.counted and dual.bytes > 0
     assert sum(r.bytes for r in hk.rows if r.counted) == pytest.approx(hk.total_bytes)
+    # the paper's setting (and the default): dropout in the latter half, the second pass without grad. The first
+    # half runs once and the second pass keeps nothing: about one pass's activations (DropKey's checkpointed sdpa
+    # keeps less than stock sdpa, its masks add a little), half of `both`'s
+    paper = estimate(cfg(dual_pass=True, key_dropout=True, hidden_dropout=True))
+    assert paper.full_activation_bytes == pytest.approx(lora.full_activation_bytes, rel=0.1)
+    assert paper.full_activation_bytes < 0.6 * hk.full_activation_bytes
+    half = estimate(cfg(**{**hk_kw, "dropout_layers": "latter_half"}))
+    assert lora.full_activation_bytes < half.full_activation_bytes < hk.full_activation_bytes
 
 
 def test_dropkey_element_mask_is_planned_per_logit():
     """The issue's case: LLaMA-2-7B, DropKey at 4 x 2048 tokens. Its per-layer (B, H, S, S) mask is 1 GiB in bf16,
     over the 64 MiB rebuild threshold, so each layer keeps only the keep-mask for the rebuild: one bit per key
     for `column`, one byte per logit for `element`, i.e. 4 x 32 x 2048^2 bytes = 0.5 GiB x 32 layers = 16 GiB."""
-    column = estimate(cfg(micro_batch=4, seq_len=2048, key_dropout=True, key_pattern="column"))
-    element = estimate(cfg(micro_batch=4, seq_len=2048, key_dropout=True, key_pattern="element"))
+    dropkey = dict(micro_batch=4, seq_len=2048, key_dropout=True, dropout_layers="all")
+    column = estimate(cfg(**dropkey, key_pattern="column"))
+    element = estimate(cfg(**dropkey, key_pattern="element"))
     masks = "  of which DropKey/DropAttention (S x S) masks"
     assert element.row(masks).bytes - column.row(masks).bytes == pytest.approx(16 * GIB, rel=0.01)
     assert element.total_bytes - column.total_bytes >= 16 * GIB
+    # dropout.layers=latter_half (the default): half the layers keep a mask
+    half = estimate(cfg(**{**dropkey, "dropout_layers": "latter_half"}, key_pattern="element"))
+    assert half.row(masks).bytes == pytest.approx(element.row(masks).bytes / 2)
     # a recipe's pattern reaches the planner
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.ds_config import resolve_ds_config
@@ -135,6 +148,10 @@ def test_dropkey_element_mask_is_planned_per_logit():
                                                                "dropout.attention.pattern=span"], check_output_dir=False)
     planned = config_from_recipe(recipe, resolve_ds_config(recipe, 1), 1, 1, 80)
     assert (planned.key_pattern, planned.attention_pattern) == ("element", "span")
+    hk = load_recipe(ROOT / "recipes" / "tiny-hiddenkey.yaml", ["dropout.layers=[0]", "dropout.consistency_grad=both"],
+                     check_output_dir=False)
+    planned = config_from_recipe(hk, resolve_ds_config(hk, 1), 1, 1, 80)
+    assert (planned.dropout_layers, planned.consistency_grad, planned.dropout_layer_indices()) == ((0,), "both", [0])
 
 
 def test_suggestion_is_the_cheapest_change_that_fits():
@@ -211,6 +228,15 @@ PROBES = [
     pvm.Probe(preset="hiddenkey", rebuild_mask_bytes=1024),
     pvm.Probe(preset="hiddenkey", key_pattern="element", rebuild_mask_bytes=1024),
     pvm.Probe(preset="dropattention", attention_pattern="column"),
+    # dropout.layers and the two consistency gradients: the shared first layers run once; from the first dropout
+    # layer `both` keeps [h; h] and `one_branch` keeps pass 1 only (pass 2 replays without grad)
+    pvm.Probe(preset="hiddenkey", consistency_grad="both"),
+    pvm.Probe(preset="hiddenkey", layers="all"),
+    pvm.Probe(preset="hiddenkey", layers="all", consistency_grad="both"),
+    pvm.Probe(preset="hiddenkey", lora_dropout=0.1, consistency_grad="both"),
+    pvm.Probe(checkpointing=True, preset="hiddenkey", consistency_grad="both"),
+    pvm.Probe(shape=GQA, preset="hiddenkey", padded=True, consistency_grad="both"),
+    pvm.Probe(shape=GQA, preset="hiddenkey", layers="1-2", consistency_grad="both"),
 ]
 
 
@@ -218,7 +244,8 @@ PROBES = [
     f"{p.shape.name}-{p.dtype}-{p.preset}-{'+'.join(t[0] for t in p.targets)}"
     f"{'-loradrop' if p.lora_dropout else ''}{'-padded' if p.padded else ''}{'-ckpt' if p.checkpointing else ''}"
     f"{'-zero3linear' if p.zero3_linear else ''}{'-key_' + p.key_pattern if p.key_pattern else ''}"
-    f"{'-att_' + p.attention_pattern if p.attention_pattern else ''}{'-rebuilt' if p.rebuild_mask_bytes else ''}"))
+    f"{'-att_' + p.attention_pattern if p.attention_pattern else ''}{'-rebuilt' if p.rebuild_mask_bytes else ''}"
+    f"{'-layers_' + p.layers if p.layers else ''}{'-grad_' + p.consistency_grad if p.consistency_grad else ''}"))
 def test_activation_term_matches_autograds_saved_tensors(probe):
     """Exact bytes of every distinct tensor autograd keeps in a decoder forward (saved-tensor hooks) against
     the planner's decoder activations: within 2% (DropAttention's few (B, H, S, 1) tensors are left out)."""
