@@ -73,7 +73,8 @@ CASES = [
          {"model/weights.bin": "x"}),
     Case("lora-target-missing", train("lora.target_modules=[q_proj,qkv_proj]"),
          "lora.target_modules: 'qkv_proj' matches no module of 'builtin:tiny-llama'"),
-    Case("lora-on-lm-head-twice", train("lora.target_modules=[q_proj,lm_head]", "dropout.preset=hiddenkey"),
+    Case("lora-on-lm-head-twice", train("lora.target_modules=[q_proj,lm_head]", "dropout.preset=hiddenkey",
+                                        "dropout.consistency_grad=both"),
          "LoRA on lm_head is used more than once per forward"),
     # -- train: the data
     Case("data-path-missing", train("data.path={w}/no-data"), "data.path: '{w}/no-data' does not exist"),

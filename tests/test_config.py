@@ -318,8 +318,12 @@ def test_eval_at_end_refuses_what_the_evaluation_cannot_run(tmp_path):
 
 def test_lora_on_the_lm_head_is_refused_where_the_chunked_head_uses_it_twice():
     head = "lora.target_modules=[q_proj,lm_head]"
-    dual = _problems(TINY, [head], check_output_dir=False)  # tiny-hiddenkey: dual pass
-    assert len(dual) == 1 and "the dual pass" in dual[0] and "used more than once per forward" in dual[0]
+    fits = ["train.micro_batch_size=8", "data.max_length=64", "train.loss_chunk_tokens=512"]  # one chunk
+    dual = _problems(TINY, [head, *fits, "dropout.consistency_grad=both"], check_output_dir=False)
+    assert len(dual) == 1 and "consistency_grad=both runs the head twice" in dual[0]
+    assert "used more than once per forward" in dual[0] and "consistency_grad=one_branch" in dual[0]
+    # one_branch (the default): the second pass's head runs without grad, so one chunk uses the weight once
+    assert load_recipe(TINY, [head, *fits, "dropout.consistency_grad=one_branch"], check_output_dir=False)
     lora = REPO / "recipes" / "tiny-lora.yaml"  # one pass
     single = ["train.micro_batch_size=8", "data.max_length=64"]
     chunks = _problems(lora, [head, *single, "train.loss_chunk_tokens=256"], check_output_dir=False)

@@ -197,15 +197,18 @@ def _data_path_problems(data: Any) -> list[str]:
 
 
 def _lm_head_problems(lora: Any, dropout: Any, train: Any, data: Any) -> list[str]:
-    """LoRA on the LM head, where the chunked loss head (hiddenkey_ds.objective) applies it more than once per
-    forward: twice per chunk in the dual pass, once per chunk when a micro-batch can hold more supervised tokens
-    than one chunk. Each use adds a gradient in its own (reentrant, checkpointed) backward, which DeepSpeed's
-    ZeRO gradient hooks reduce per use (ZeRO-1/2: "gradient computed twice for this partition")."""
+    """LoRA on the LM head, where the chunked loss head (hiddenkey_ds.objective) applies it with gradient more than
+    once per forward: twice per chunk in a dual pass that back-propagates through both (consistency_grad=both;
+    one_branch runs the second pass's head without grad), once per chunk when a micro-batch can hold more
+    supervised tokens than one chunk (ZeRO-3 then also pads every rank to the same number of chunks). Each use adds
+    a gradient in its own (reentrant, checkpointed) backward, which DeepSpeed's ZeRO gradient hooks reduce per use
+    (ZeRO-1/2: "gradient computed twice for this partition")."""
     if lora is None or not isinstance(lora.target_modules, list) or "lm_head" not in lora.target_modules:
         return []
     reasons = []
-    if dropout is not None and dropout.dual_pass:
-        reasons.append(f"the dual pass ({dropout.describe()}) runs the head twice per chunk")
+    both = dropout is not None and dropout.dual_pass and getattr(dropout, "consistency_grad", "both") == "both"
+    if both:
+        reasons.append("the dual pass with consistency_grad=both runs the head twice per chunk with gradients")
     if train is not None and data is not None and train.micro_batch_size * data.max_length > train.loss_chunk_tokens:
         reasons.append(f"a micro-batch of {train.micro_batch_size} x {data.max_length} tokens can need more than one "
                        f"chunk of train.loss_chunk_tokens={train.loss_chunk_tokens}")
@@ -213,9 +216,9 @@ def _lm_head_problems(lora: Any, dropout: Any, train: Any, data: Any) -> list[st
         return []
     return [f"lora.target_modules: LoRA on lm_head is used more than once per forward by the chunked loss head "
             f"({'; '.join(reasons)}), which DeepSpeed's gradient reduction does not support (hint: remove lm_head "
-            "from lora.target_modules" + ("" if dropout is not None and dropout.dual_pass else
-                                           ", or raise train.loss_chunk_tokens to micro_batch_size x data.max_length")
-            + ")"]
+            "from lora.target_modules" + (", or use dropout.consistency_grad=one_branch" if both else "")
+            + ("" if len(reasons) == 1 and both else
+               ", or raise train.loss_chunk_tokens to micro_batch_size x data.max_length") + ")"]
 
 
 def _eval_at_end_problems(run: Any, model: Any, data: Any, ev: Any) -> list[str]:
