@@ -535,8 +535,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     frag = FRAGMENTATION * dynamic if cfg.device == "gpu" else 0.0
 
     chunk = min(cfg.loss_chunk_tokens, sup_per_pass)
-    act_note = (f"{_gib(per_layer)}/layer x {s.layers} layers = {_gib(full_saved)}; with gradient checkpointing "
-                f"{_gib(ckpt_saved)} (+{_gib(per_layer)} recomputed layer)")
+    act_note = (f"{s.layers} layers (up to {_gib(per_layer)} each) = {_gib(full_saved)}; with gradient "
+                f"checkpointing {_gib(ckpt_saved)} (+{_gib(per_layer)} recomputed layer)")
     rows = [
         Row(f"base weights ({weight_kind})", base, base_note),
         Row(f"LoRA parameters ({cfg.dtype})", lora_bytes, f"{n_lora / 1e6:.2f}M trainable, r={cfg.lora_r} on "
@@ -548,7 +548,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
         Row("activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""), saved, act_note),
         Row("transient peak", transient,
             f"max(loss head {_gib(head)} [chunk {chunk} tok x vocab {s.vocab}], backward "
-            f"{_gib(bwd + recompute)}" + (f", DropKey mask build {_gib(mask_build)}" if mask_build else "") + ")"),
+            f"{_gib(bwd + recompute)}" + (f", DropKey mask build {_gib(mask_build)}" if mask_build else "")
+            + (f", second pass replayed without grad {_gib(replay)}" if replay else "") + ")"),
     ]
     if stage == 3:
         rows.append(Row("ZeRO-3 gathered parameters", gathered,
@@ -568,7 +569,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     plan = MemoryPlan(cfg, rows, cpu_bytes, per_layer_activation_bytes=per_layer,
                       checkpointed_activation_bytes=ckpt_saved, full_activation_bytes=full_saved,
                       extras={"decoder_saved": saved - head_inputs, "head_inputs": head_inputs, "head": head,
-                              "backward": bwd, "recompute": recompute, "mask_build": mask_build, "buffers": buffers,
+                              "backward": bwd, "recompute": recompute, "mask_build": mask_build, "replay": replay,
+                              "buffers": buffers,
                               "context": context, "fragmentation": frag})
     if cfg.dual_pass:
         single = estimate(replace(cfg, dual_pass=False), suggest=False)
