@@ -367,11 +367,12 @@ def test_resume_changes_are_judged_generically():
         "eval.at_end", "eval.batch_size", "eval.limit", "eval.some_future_eval_key", "eval.tasks", "run.label",
         "train.keep_checkpoints", "train.log_every", "train.save_every"]
     # anything else changes the result, including keys this module has never heard of
-    new["dropout"]["layers"] = "latter_half"
-    new["data"]["split_seed"] = 3
+    new["dropout"]["layers"] = [0]
+    new["dropout"]["some_future_knob"] = 0.5
+    new["data"]["split_seed"] = old["data"]["split_seed"] + 3
     new["train"]["eval_every"] = 5  # which steps are validated (and which adapter is the best)
     new["train"]["lr"] = 1.0
     unsafe = recipe_changes(old, new)[0]
     assert [(k, a, b) for k, a, b in unsafe] == [
-        ("data.split_seed", "<absent>", 3), ("dropout.layers", "<absent>", "latter_half"),
-        ("train.eval_every", 15, 5), ("train.lr", 0.001, 1.0)]
+        ("data.split_seed", old["data"]["split_seed"], old["data"]["split_seed"] + 3), ("dropout.layers", old["dropout"]["layers"], [0]),
+        ("dropout.some_future_knob", "<absent>", 0.5), ("train.eval_every", 15, 5), ("train.lr", 0.001, 1.0)]
