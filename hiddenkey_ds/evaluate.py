@@ -4,12 +4,16 @@
 `eval/tasks/` (prompts from `hiddenkey_ds.data.templates`). Every evaluation prints, and stores in its results
 JSON, the equivalent `lm_eval` command line; a test checks that both give identical numbers.
 
-Results land in RUN_DIR/eval/ (or --out):
-  results.json        the adapter on the base model (full precision; the stock command's setting)
-  results_4bit.json   a QLoRA run's adapter on its 4-bit base as trained, when bitsandbytes runs on the device
-  base.json           the base model alone (--base-only): the "before" row of a report
+A run directory holds up to two adapters: `adapter/` (the final one) and `adapter_best/` (the step with the best
+accuracy on the run's validation split; absent when the run had none). Results land in RUN_DIR/eval/ (or --out):
+  results.json             the final adapter on the base model (full precision; the stock command's setting)
+  results_best.json        the best-validation adapter, same setting
+  results_4bit.json        a QLoRA run's final adapter on its 4-bit base as trained (when bitsandbytes runs here)
+  results_best_4bit.json   the same for the best adapter
+  base.json                the base model alone (--base-only): the "before" row of a report
 Each file is the dict `lm_eval.simple_evaluate` returns (keys results, versions, n-shot, configs, config, ...,
-without per-sample logs) plus a "hiddenkey_ds" block: base, adapter, tasks, limit, quantization, command.
+without per-sample logs) plus a "hiddenkey_ds" block: base, adapter, adapter_kind (final|best), step, tasks,
+limit, batch_size, quantization, command.
 """
 from __future__ import annotations
 
@@ -21,80 +25,156 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import yaml
+from hiddenkey_ds.config.schema import Recipe
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
 # builtin datasets of hiddenkey_ds.data with an lm-eval task of their own
 BUILTIN_DATA_TASKS = {"builtin:toy-sst2": "hk_toy_sst2"}
+# adapter kind -> its directory in a run, and the stem of its results file in RUN_DIR/eval
+ADAPTER_DIRS = {"final": "adapter", "best": "adapter_best"}
+RESULT_STEMS = {"final": "results", "best": "results_best"}
+ADAPTER_CHOICES = ("final", "best", "both")
 
 
 class EvalError(RuntimeError):
     pass
 
 
+def results_name(kind: str | None, quantized: bool = False) -> str:
+    """File name of an adapter kind's results (kind None: an adapter outside a run, stored as results.json)."""
+    return f"{RESULT_STEMS[kind or 'final']}{'_4bit' if quantized else ''}.json"
+
+
 @dataclass
 class Target:
-    """What to evaluate: a base model, optionally with an adapter, described by a run's recipe if any."""
+    """What to evaluate: a base model, optionally with adapters, described by a run's recipe if any."""
 
     base: str                      # as the user/recipe names it (builtin:..., a path or a hub id)
-    adapter: Path | None
-    run_dir: Path | None
-    recipe: dict[str, Any] = field(default_factory=dict)
+    adapters: dict[str | None, Path] = field(default_factory=dict)  # kind (final/best; None outside a run) -> dir
+    run_dir: Path | None = None
+    recipe: Recipe | None = None
+    summary: dict[str, Any] | None = None
 
     @property
     def quantization(self) -> str:
-        return self.recipe.get("model", {}).get("quantization", "none")
+        return self.recipe.model.quantization if self.recipe is not None else "none"
+
+    @property
+    def adapter(self) -> Path | None:
+        """The first adapter evaluated (the final one when it is among them)."""
+        return next(iter(self.adapters.values()), None)
+
+    def step_of(self, kind: str | None) -> int | None:
+        """The optimizer step the adapter of `kind` was saved at, from summary.json."""
+        summary = self.summary or {}
+        if kind == "final":
+            return summary.get("steps")
+        if kind == "best":
+            return (summary.get("best") or {}).get("step")
+        return None
 
 
-def load_run_recipe(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
+    """A run's config.yaml through the recipe schema: defaults come from the schema, so a run written before a
+    field existed still loads. Raises EvalError naming every problem."""
+    import yaml
+    from pydantic import ValidationError
+
+    from hiddenkey_ds.config.overrides import RecipeLoader
+    from hiddenkey_ds.config.validate import format_validation_errors
+
+    path = Path(run_dir) / "config.yaml"
     try:
-        recipe = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=RecipeLoader)
     except OSError as err:
-        raise EvalError(f"{run_dir} is not a run directory: cannot read {path} ({err.strerror})") from None
-    if not isinstance(recipe, dict) or "model" not in recipe:
-        raise EvalError(f"{path} is not a resolved recipe (no model section)")
-    return recipe
+        raise EvalError(f"{run_dir} is not a run directory: cannot read {path} ({err.strerror}) (hint: give the "
+                        "directory a training run wrote, the one holding config.yaml and adapter/)") from None
+    except yaml.YAMLError as err:
+        raise EvalError(f"{path} is not valid YAML: {err}") from None
+    try:
+        return Recipe.model_validate(raw if isinstance(raw, dict) else {})
+    except ValidationError as err:
+        problems = "\n".join(f"  - {p}" for p in format_validation_errors(err))
+        raise EvalError(f"{path} is not a valid resolved recipe:\n{problems}\n(hint: config.yaml is written by "
+                        "the training loop; a hand-edited or foreign file must follow the recipe schema)") from None
 
 
-def resolve_target(path_or_name: str, base: str | None = None, base_only: bool = False) -> Target:
-    """A run dir (config.yaml + adapter/), a PEFT adapter dir, or (with base_only) a model name."""
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvalError(f"{path} is not JSON ({err}); the run wrote it atomically, so it was edited since") from None
+
+
+def available_adapters(run_dir: Path) -> list[str]:
+    """Adapter kinds a run directory holds, final first."""
+    return [k for k, d in ADAPTER_DIRS.items() if (run_dir / d / "adapter_config.json").is_file()]
+
+
+def chosen_kinds(run_dir: Path, choice: str | None) -> list[str]:
+    """The adapter kinds `--adapter choice` evaluates in a run directory (None: both when the best exists)."""
+    have = available_adapters(run_dir)
+    summary_hint = "" if (run_dir / "summary.json").is_file() else \
+        " (the run has no summary.json: it has not finished; resume it first)"
+    if choice is None:
+        if "final" not in have:
+            raise EvalError(f"{run_dir}: no final adapter at {run_dir / ADAPTER_DIRS['final']}{summary_hint}")
+        return have
+    wanted = ["final", "best"] if choice == "both" else [choice]
+    for kind in wanted:
+        if kind not in have:
+            why = summary_hint or (
+                " (the run had no validation split, so no best step was kept; hint: train with "
+                "data.validation_from_train or an eval split, or evaluate --adapter final)" if kind == "best" else "")
+            raise EvalError(f"{run_dir}: no {kind} adapter at {run_dir / ADAPTER_DIRS[kind]}{why}")
+    return wanted
+
+
+def resolve_target(path_or_name: str, base: str | None = None, base_only: bool = False,
+                   adapter: str | None = None) -> Target:
+    """A run dir (config.yaml + adapter/ [+ adapter_best/]), a PEFT adapter dir, or (base_only) a model name.
+
+    `adapter` (final, best, both; None = both when the run kept a best adapter) picks a run's adapters."""
+    if adapter is not None and adapter not in ADAPTER_CHOICES:
+        raise EvalError(f"--adapter {adapter!r}: choose one of {', '.join(ADAPTER_CHOICES)}")
+    if base_only and adapter is not None:
+        raise EvalError("--base-only evaluates the model without any adapter: drop --adapter")
     p = Path(path_or_name).expanduser()
     if (p / "config.yaml").is_file():
-        recipe = load_run_recipe(p)
-        adapter = p / "adapter"
-        if not base_only and not (adapter / "adapter_config.json").is_file():
-            done = (p / "summary.json").is_file()
-            raise EvalError(
-                f"{p}: no final adapter at {adapter}"
-                + ("" if done else " (the run has no summary.json: it has not finished; resume it first)")
-            )
-        return Target(base or recipe["model"]["name"], None if base_only else adapter.resolve(), p.resolve(), recipe)
+        recipe = read_run_recipe(p)
+        kinds = [] if base_only else chosen_kinds(p, adapter)
+        adapters = {k: (p / ADAPTER_DIRS[k]).resolve() for k in kinds}
+        return Target(base or recipe.model.name, adapters, p.resolve(), recipe, read_summary(p))
     if (p / "adapter_config.json").is_file():
+        if adapter not in (None, "final"):
+            raise EvalError(f"{p} is a single adapter, not a run directory: --adapter {adapter} needs a run's "
+                            f"{ADAPTER_DIRS['best']}/ (hint: pass the run directory, or drop --adapter)")
         adapter_base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
         chosen = base or adapter_base
         if not chosen:
-            raise EvalError(f"{p}/adapter_config.json names no base model: pass --base MODEL")
-        return Target(chosen, None if base_only else p.resolve(), None)
+            raise EvalError(f"{p}/adapter_config.json names no base model (hint: pass --base MODEL)")
+        return Target(chosen, {} if base_only else {None: p.resolve()})
     if base_only:
-        return Target(path_or_name, None, None)
+        return Target(path_or_name)
     raise EvalError(
-        f"{path_or_name!r} is neither a run directory (config.yaml) nor a PEFT adapter (adapter_config.json); "
-        "to evaluate a model without adapter use --base-only"
+        f"{path_or_name!r} is neither a run directory (config.yaml) nor a PEFT adapter (adapter_config.json) "
+        "(hint: to evaluate a model without adapter use --base-only)"
     )
 
 
-def tasks_for_recipe(recipe: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+def tasks_for_recipe(recipe: Recipe) -> tuple[list[str], dict[str, str]]:
     """(lm-eval task names, task metadata) for a run: its eval.tasks, else the task scoring its training data.
 
     The metadata points the local-file tasks at the run's data directory (e.g. {"rte_dir": ...}).
     """
-    requested = list((recipe.get("eval") or {}).get("tasks") or [])
+    requested = list(recipe.eval.tasks)
     try:
-        derived, metadata = _task_of_data(recipe.get("data") or {})
+        derived, metadata = _task_of_data(recipe.data)
     except EvalError:
         if not requested:
             raise
@@ -102,11 +182,12 @@ def tasks_for_recipe(recipe: dict[str, Any]) -> tuple[list[str], dict[str, str]]
     return (requested or derived), metadata
 
 
-def _task_of_data(data: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-    task, path = data.get("task"), data.get("path")
-    if data.get("format", "classification") != "classification" or not task:
+def _task_of_data(data: Any) -> tuple[list[str], dict[str, str]]:
+    task, path = data.task, data.path
+    if data.format != "classification" or not task:
         raise EvalError(
-            "the run trained on free-form (sft) data: there is no multiple-choice task to score; pass --tasks"
+            "the run trained on free-form (sft) data: there is no multiple-choice task to score (hint: name the "
+            "lm-eval tasks to run with --tasks, e.g. --tasks hk_rte, or eval.tasks in the recipe)"
         )
     from hiddenkey_ds.data.templates import get_template
 
@@ -120,22 +201,28 @@ def _task_of_data(data: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         return [f"hk_{template.name}_local"], {f"{template.name}_dir": str(local.resolve())}
     if local.exists():
         raise EvalError(
-            f"data.path={path!r} is a single file; the local tasks read a directory with train/dev files: "
-            f"pass --tasks hk_{template.name}_local --data-dir DIR"
+            f"data.path={path!r} is a single file; the local tasks read a directory with train/dev files "
+            f"(hint: put the dev split beside it as dev.jsonl and pass --tasks hk_{template.name}_local "
+            f"--data-dir {template.name}=DIR)"
         )
     raise EvalError(
         f"data.path={path!r} is neither a local directory (relative paths resolve against {Path.cwd()}) nor the "
-        f"task's hub dataset ({template.hub_path}); pass --tasks and --data-dir"
+        f"task's hub dataset ({template.hub_path}) (hint: pass --tasks and --data-dir TASK=DIR)"
     )
 
 
-def model_args(target: Target, dtype: str | None = None) -> dict[str, Any]:
+def model_args(target: Target, adapter: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
     """The HF model arguments, exactly as the stock command gets them (values are strings)."""
-    from hiddenkey_ds.models import resolve_model_path
+    from hiddenkey_ds.builtin_models import BuiltinModelError
+    from hiddenkey_ds.models import ModelLoadError, resolve_model_path
 
-    args: dict[str, Any] = {"pretrained": resolve_model_path(target.base)}
-    if target.adapter is not None:
-        args["peft"] = str(target.adapter)
+    try:
+        args: dict[str, Any] = {"pretrained": resolve_model_path(target.base)}
+    except (ModelLoadError, BuiltinModelError) as err:
+        hint = "" if "hint:" in str(err) else " (hint: --base takes builtin:NAME, a local HF model directory or a hub id)"
+        raise EvalError(f"base model: {err}{hint}") from None
+    if adapter is not None:
+        args["peft"] = str(adapter)
     if dtype:
         args["dtype"] = dtype
     return args
@@ -182,11 +269,16 @@ def _evaluate(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str],
 
     quant = margs.get("quantization_config")
     plain = {k: v for k, v in margs.items() if k != "quantization_config"}
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata={**plain, **metadata})
+    # Indexing lm-eval's thousands of stock task YAMLs takes 10-20 s per evaluation; our tasks need none of them,
+    # so the full index is built only when a stock task is asked for (the task configs are the same either way).
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={**plain, **metadata})
+    if not all(manager.match_tasks([t]) for t in tasks):
+        manager = TaskManager(include_path=str(TASKS_DIR), metadata={**plain, **metadata})
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         ours = sorted(n for n in manager.all_tasks if n.startswith("hk_"))
-        raise EvalError(f"unknown lm-eval task(s) {unknown}; this package's tasks: {', '.join(ours)}")
+        raise EvalError(f"unknown lm-eval task(s) {unknown} (hint: this package's tasks: {', '.join(ours)})")
+    _check_tasks_load(tasks, manager)
     model: Any = "hf"
     facts: dict[str, Any] = {}
     if quant is not None:
@@ -196,14 +288,39 @@ def _evaluate(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str],
         import bitsandbytes as bnb
 
         facts["linear4bit_layers"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.model.modules())
-    results = simple_evaluate(
-        model=model, model_args=plain, tasks=tasks, limit=limit, batch_size=batch_size, device=device,
-        task_manager=manager, log_samples=False, metadata=metadata,
-    )
+    try:
+        results = simple_evaluate(
+            model=model, model_args=plain, tasks=tasks, limit=limit, batch_size=batch_size, device=device,
+            task_manager=manager, log_samples=False, metadata=metadata,
+        )
+    except OSError as err:  # transformers' way of saying a model / adapter / tokenizer cannot be found or read
+        raise EvalError(f"lm-eval could not load the model ({plain['pretrained']}, adapter {plain.get('peft', '-')}): "
+                        f"{str(err).splitlines()[0]} (hint: a hub id needs network or the HF cache; pass --base with a "
+                        "local model directory or builtin:NAME)") from None
     if results is None:  # non-zero ranks under torch.distributed
         raise EvalError("lm-eval returned no results (run evaluation in one process, not under a launcher)")
     results.pop("samples", None)
     return results, facts
+
+
+def _check_tasks_load(tasks: list[str], manager: Any) -> None:
+    """Build the tasks once before any model is loaded: a missing data directory, a file without the task's
+    columns or a hub dataset out of reach is then one message, not a traceback from inside lm-eval."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        get_task_dict(tasks, manager)
+    except Exception as err:  # noqa: BLE001 - whatever the dataset loader raises, the user gets it in one line
+        what = f"{type(err).__name__}: {err}".splitlines()[0]
+        local = [t for t in tasks if t.endswith("_local")]
+        if local:
+            names = ",".join(t.removeprefix("hk_").removesuffix("_local") for t in local)
+            hint = (f"the _local tasks read DIR/{{train,dev}}.jsonl: pass --data-dir TASK=DIR for each of {names}, "
+                    "e.g. --data-dir rte=../shared/data/glue/RTE")
+        else:
+            hint = ("hub tasks download their dataset: without network use the task's _local variant with "
+                    "--data-dir, e.g. --tasks hk_rte_local --data-dir rte=../shared/data/glue/RTE")
+        raise EvalError(f"lm-eval cannot load task(s) {', '.join(tasks)}: {what} (hint: {hint})") from None
 
 
 def _quantized_lm(margs: dict[str, Any], quant: Any, batch_size: int, device: str):
@@ -244,16 +361,18 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
              batch_size: int = 8, *, base_only: bool = False, base: str | None = None,
              data_dirs: dict[str, str] | None = None, device: str | None = None,
              out_dir: str | os.PathLike | None = None, dtype: str | None = None, quantized: str = "auto",
-             log=print) -> list[Path]:
+             adapter: str | None = None, log=print) -> list[Path]:
     """Evaluate and write results JSON(s); returns their paths.
 
-    `run_dir` is a run directory, an adapter directory or (base_only) a model name. `data_dirs` maps metadata keys
-    of the local tasks (e.g. {"rte_dir": ...}) to directories. `quantized`: "auto" also scores a QLoRA adapter on
-    its 4-bit base when bitsandbytes runs here, "never" skips that, "require" fails if it cannot.
+    `run_dir` is a run directory, an adapter directory or (base_only) a model name. `adapter` picks a run's
+    adapters: final (results.json), best (results_best.json), both; None = both when the run kept adapter_best/.
+    `data_dirs` maps metadata keys of the local tasks (e.g. {"rte_dir": ...}) to directories. `quantized`:
+    "auto" also scores a QLoRA adapter on its 4-bit base when bitsandbytes runs here, "never" skips that,
+    "require" fails if it cannot.
     """
-    target = resolve_target(str(run_dir), base=base, base_only=base_only)
+    target = resolve_target(str(run_dir), base=base, base_only=base_only, adapter=adapter)
     metadata: dict[str, str] = {}
-    if target.recipe:
+    if target.recipe is not None:
         try:
             derived, metadata = tasks_for_recipe(target.recipe)
         except EvalError:
@@ -262,38 +381,45 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
         else:
             tasks = list(tasks or derived)  # named tasks still get the run's data directory
     if not tasks:
-        raise EvalError("no run recipe to take the tasks from: pass --tasks")
+        raise EvalError("no run recipe to take the tasks from (hint: pass --tasks, e.g. --tasks hk_rte)")
     tasks = list(tasks)
     metadata.update({k: str(Path(v).expanduser().resolve()) for k, v in (data_dirs or {}).items()})
     if out_dir is None:
         if target.run_dir is None:
-            raise EvalError("an adapter or model outside a run directory needs --out DIR for its results")
+            raise EvalError("an adapter or model outside a run directory needs a place for its results "
+                            "(hint: pass --out DIR)")
         out_dir = target.run_dir / "eval"
     out_dir = Path(out_dir)
     device = device or default_device()
 
-    jobs: list[tuple[str, dict[str, Any]]] = []
-    margs = model_args(target, dtype)
-    jobs.append(("base.json" if target.adapter is None else "results.json", margs))
-    if target.adapter is not None and target.quantization == "4bit" and quantized != "never":
+    # (file name, adapter kind, model args); the base model alone when no adapter is chosen
+    jobs: list[tuple[str, str | None, dict[str, Any]]] = []
+    if not target.adapters:
+        jobs.append(("base.json", None, model_args(target, None, dtype)))
+    for kind, path in target.adapters.items():
+        jobs.append((results_name(kind), kind, model_args(target, path, dtype)))
+    if target.adapters and target.quantization == "4bit" and quantized != "never":
         ok, why = bnb_4bit_supported(device)
         if ok:
             from hiddenkey_ds.models import quantization_config
 
-            model = {"dtype": "bf16", "quant_type": "nf4", "double_quant": True, **target.recipe["model"]}
-            if device == "cpu":
-                model["dtype"] = "fp32"  # bf16 matmuls are slow on most CPUs; the 4-bit weights are the point
-            quant = quantization_config(SimpleNamespace(model=SimpleNamespace(**model)))
-            jobs.append(("results_4bit.json", {**margs, "quantization_config": quant}))
+            recipe = target.recipe
+            if device == "cpu":  # bf16 matmuls are slow on most CPUs; the 4-bit weights are the point
+                recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "fp32"})})
+            quant = quantization_config(recipe)
+            for kind, path in target.adapters.items():
+                jobs.append((results_name(kind, quantized=True), kind,
+                             {**model_args(target, path, dtype), "quantization_config": quant}))
         elif quantized == "require":
-            raise EvalError(f"4-bit evaluation requested but bitsandbytes cannot run 4-bit on {device}: {why}")
+            raise EvalError(f"4-bit evaluation requested but bitsandbytes cannot run 4-bit on {device}: {why} "
+                            "(hint: --quantized auto skips it, or evaluate on a CUDA device)")
         else:
             log(f"[eval] skipping the 4-bit evaluation of this QLoRA adapter: bitsandbytes on {device}: {why}")
 
     from lm_eval.utils import make_table
 
     written = []
-    for name, args in jobs:
+    for name, kind, args in jobs:
         quantized_job = "quantization_config" in args
         stock = None if quantized_job else stock_command(args, tasks, metadata, limit, batch_size, device)
         log(f"[eval] {name}: base={args['pretrained']} adapter={args.get('peft', '-')} tasks={','.join(tasks)}")
@@ -310,9 +436,11 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
                 continue
         else:
             results, facts = _evaluate(args, tasks, metadata, limit, batch_size, device)
+        summary_best = (target.summary or {}).get("best") if kind == "best" else None
         results["hiddenkey_ds"] = {
             "base": target.base, "pretrained": args["pretrained"],
-            "adapter": str(target.adapter) if target.adapter else None,
+            "adapter": args.get("peft"), "adapter_kind": kind, "step": target.step_of(kind),
+            "best_validation": summary_best,
             "run_dir": str(target.run_dir) if target.run_dir else None,
             "tasks": tasks, "task_metadata": metadata, "limit": limit, "batch_size": batch_size, "device": device,
             "quantization": "4bit" if quantized_job else "none",
@@ -342,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="hiddenkey-ds eval", description="Evaluate a run directory, an adapter, or a base model with lm-eval."
     )
     parser.add_argument("target", help="run directory, PEFT adapter directory, or (with --base-only) a model name")
+    parser.add_argument("--adapter", choices=ADAPTER_CHOICES,
+                        help="a run's adapter(s): final (adapter/ -> eval/results.json), best (adapter_best/ -> "
+                             "eval/results_best.json) or both; default: both when the run kept adapter_best/")
     parser.add_argument("--tasks",
                         help="comma-separated lm-eval tasks (default: the run's eval.tasks, else its training task)")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
@@ -358,15 +489,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    batch_size = args.batch_size
-    if batch_size is None:
-        p = Path(args.target)
-        recipe = load_run_recipe(p) if (p / "config.yaml").is_file() else {}
-        batch_size = (recipe.get("eval") or {}).get("batch_size") or 8
     try:
+        if limit is not None and limit <= 0:
+            raise EvalError(f"--limit {args.limit:g}: give a number of examples (>= 1) or a fraction in (0, 1)")
+        batch_size = args.batch_size
+        if batch_size is None:
+            p = Path(args.target)
+            batch_size = read_run_recipe(p).eval.batch_size if (p / "config.yaml").is_file() else 8
         run_eval(args.target, tasks, limit, batch_size, base_only=args.base_only, base=args.base,
                  data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
-                 dtype=args.dtype, quantized=args.quantized)
+                 dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)
     except EvalError as err:
         print(f"hiddenkey-ds eval: error: {err}", file=sys.stderr)
         return 2

@@ -1,14 +1,22 @@
 """`hiddenkey-ds report RUN_DIR...`: compare runs in a Markdown report with PNG figures.
 
-Reads each run's config.yaml (method, seed), metrics.jsonl (curves) and eval/*.json (lm-eval results; base.json
-gives the base model's "before" row) and writes into --out:
-  report.md        task x method table (mean +- std over seeds, delta vs. LoRA, paired t-test across seeds),
-                   a per-run table, overfitting diagnostics from the validation curves
-  report.json      the same numbers, machine-readable
-  accuracy.png     lm-eval accuracy per task and method: bars = mean, error bars = std over seeds, dots = seeds,
-                   dashed line = base model
+Reads each run's config.yaml (through the recipe schema: method name, seed, task), summary.json (wall time, the
+best validation step), metrics.jsonl (curves) and eval/*.json (lm-eval results of the final adapter, results.json,
+and of the best-validation adapter, results_best.json; base.json gives the base model's "before" row) and writes
+into --out:
+  report.md        per task x method, for both the best-checkpoint and the final-adapter scores: median and
+                   mean +- std over seeds, delta vs. the LoRA baseline with a paired t-test across seeds; the
+                   paper's published numbers where the setting is the paper's; wall time; a per-run table with
+                   the overfitting diagnostics of the validation curves
+  report.json      the same numbers, machine-readable (strict JSON: a missing number is null)
+  accuracy.png     lm-eval accuracy per task and method, one panel per score (best / final): bars = mean, error
+                   bars = std over seeds, dots = seeds, black tick = median, dashed line = base model
   curves_TASK.png  per method: training CE (dashed) and validation loss (solid), validation accuracy; a star marks
                    each method's lowest validation loss, so a curve rising after it shows overfitting
+
+Runs are grouped by their method name: `run.label` (a sweep sets it to the sweep file's method name), else a
+name derived from the dropout setting. Runs of one group must share their recipe up to seeds and bookkeeping,
+and every lm-eval score of a task must come from the same limit and batch size; the report refuses otherwise.
 """
 from __future__ import annotations
 
@@ -21,15 +29,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hiddenkey_ds.config.schema import Recipe
 
 BASELINE = "LoRA"
 BASE_MODEL = "base model (no adapter)"
 PRESET_LABELS = {"none": BASELINE, "dropkey": "DropKey", "dropattention": "DropAttention", "hiddencut": "HiddenCut",
                  "hiddenkey": "HiddenKey", "hiddenkey_nokl": "HiddenKey w/o KL", "custom": "custom dropout"}
-METHOD_ORDER = ["LoRA", "DropKey", "DropAttention", "HiddenCut", "HiddenKey w/o KL", "HiddenKey"]
+PRESET_ORDER = ["none", "dropkey", "dropattention", "hiddencut", "hiddenkey_nokl", "hiddenkey", "custom"]
 # a run's validation loss ending this much above its minimum is flagged as overfitting
 OVERFIT_THRESHOLD = 0.10
+# score kinds: which adapter an lm-eval score is of, and the results file it is read from
+KINDS = ("best", "final")
+KIND_FILES = {"final": "results", "best": "results_best"}
+KIND_TITLES = {"final": "final adapter", "best": "best-validation checkpoint"}
+# recipe keys that may differ between the seeds of one method: seeds, places and bookkeeping, not the method
+SEED_KEYS = {"run", "eval", "train.log_every", "train.save_every", "train.keep_checkpoints", "data.split_seed"}
+
+# The paper's published numbers, shown beside ours only where our setting is the paper's (model and task).
+# Wang, Chen, Jiang, Xue, Kong, Wu, "LoRA Meets Dropout under a Unified Framework", Findings of ACL 2024
+# (arXiv:2403.00812). Accuracy in %; NLU numbers are the median of 5 runs.
+PAPER_CITATION = ("Wang et al. 2024, \"LoRA Meets Dropout under a Unified Framework\", Findings of ACL 2024, "
+                  "arXiv:2403.00812")
+PAPER_RESULTS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": {
+        "source": "paper (Wang et al. 2024, Table 5)", "model": "LLaMA2-7B + LoRA", "statistic": "median of 5 runs",
+        "tasks": {"rte": {"LoRA": 88.45, "HiddenKey": 90.25}, "mrpc": {"LoRA": 88.73, "HiddenKey": 89.46}},
+    },
+    # RoBERTa-large is an encoder this package does not train; kept so the citation table is complete
+    "roberta-large": {
+        "source": "paper (Wang et al. 2024, Table 1)", "model": "RoBERTa-large + LoRA", "statistic": "median of 5 runs",
+        "tasks": {
+            "rte": {"LoRA": 84.48, "DropKey": 87.36, "DropAttention": 85.56, "HiddenCut": 87.00,
+                    "HiddenKey w/o KL": 87.70, "HiddenKey": 88.10},
+            "mrpc": {"LoRA": 89.95, "DropKey": 90.93, "DropAttention": 90.20, "HiddenCut": 90.69,
+                     "HiddenKey w/o KL": 90.90, "HiddenKey": 91.20},
+            "sst2": {"LoRA": 95.99, "DropKey": 96.22, "DropAttention": 95.76, "HiddenCut": 96.10,
+                     "HiddenKey w/o KL": 96.22, "HiddenKey": 96.44},
+        },
+    },
+}
 
 
 class ReportError(RuntimeError):
@@ -39,25 +77,63 @@ class ReportError(RuntimeError):
 @dataclass
 class Run:
     path: Path
-    recipe: dict[str, Any]
-    method: str
+    recipe: Recipe
+    method: str                                      # the group it is reported in
     seed: int
     task: str                                        # what it trained on (its lm-eval task name when known)
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # file stem -> lm-eval results JSON
+    variant: str | None = None                       # the sweep's task name (several can train on one lm-eval task)
+    prefixed: bool = False                           # show the variant: other runs reach the same task differently
+
+    def key(self, task: str | None = None) -> str:
+        """The row a score of lm-eval task `task` (default: the run's own) lands in."""
+        task = task or self.task
+        return f"{self.variant}/{task}" if self.prefixed and self.variant else task
 
     def curve(self, split: str, key: str) -> tuple[list[int], list[float]]:
-        rows = [r for r in self.metrics if r.get("split") == split and isinstance(r.get(key), (int, float))]
+        # NaN stays in (a diverged run must show as one); only non-numbers are skipped
+        rows = [r for r in self.metrics if r.get("split") == split and isinstance(r.get(key), (int, float))
+                and not isinstance(r.get(key), bool)]
         return [r["step"] for r in rows], [float(r[key]) for r in rows]
 
+    @property
+    def wall_time_s(self) -> float | None:
+        value = (self.summary or {}).get("wall_time_s")
+        return float(value) if _number(value) else None
 
-def method_label(recipe: dict[str, Any]) -> str:
-    """The paper's name for the run's dropout setting; settings off the preset are spelled out."""
+    def best_validation(self) -> dict[str, Any] | None:
+        """The best validation step: summary.json's `best`, else the highest accuracy in metrics.jsonl (ties:
+        the lower loss, then the earlier step), the rule the training loop keeps adapter_best/ by."""
+        best = (self.summary or {}).get("best")
+        if isinstance(best, dict) and _number(best.get("accuracy")):
+            return {"step": best.get("step"), "accuracy": float(best["accuracy"]),
+                    "loss": float(best["loss"]) if _number(best.get("loss")) else None, "source": "summary.json"}
+        rows = [r for r in self.metrics if r.get("split") == "validation" and _number(r.get("accuracy"))]
+        if not rows:
+            return None
+        top = min(rows, key=lambda r: (-r["accuracy"], r["loss"] if _number(r.get("loss")) else math.inf, r["step"]))
+        return {"step": top["step"], "accuracy": float(top["accuracy"]),
+                "loss": float(top["loss"]) if _number(top.get("loss")) else None, "source": "metrics.jsonl"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def method_label(recipe: Recipe | dict[str, Any]) -> str:
+    """The paper's name for the run's dropout setting; settings off the preset are spelled out.
+
+    Describes a run; reports group by the sweep's method name (run.label) and use this only for runs without one.
+    """
     from hiddenkey_ds.dropout.config import DropoutConfig
 
-    raw = recipe.get("dropout") or {}
-    cfg = DropoutConfig(**raw)
+    if isinstance(recipe, dict):
+        cfg = DropoutConfig(**(recipe.get("dropout") or {}))
+        lora_dropout = (recipe.get("lora") or {}).get("dropout", 0.0) or 0.0
+    else:
+        cfg, lora_dropout = recipe.dropout, recipe.lora.dropout
     label = PRESET_LABELS.get(cfg.preset, cfg.preset)
     if cfg != DropoutConfig(preset=cfg.preset):
         # compact enough for a plot legend, yet distinct for every setting (position, pattern, rate, loss)
@@ -66,27 +142,41 @@ def method_label(recipe: dict[str, Any]) -> str:
         if cfg.dual_pass:
             parts.append(f"{cfg.consistency} {cfg.alpha:g}")
         label = f"{label} ({', '.join(parts) or 'no dropout'})"
-    lora_dropout = (recipe.get("lora") or {}).get("dropout", 0.0) or 0.0
     if lora_dropout:
         label = f"{label} + lora_dropout {lora_dropout:g}"
     return label
 
 
-def _task_of(recipe: dict[str, Any]) -> str:
+def _task_of(recipe: Recipe) -> str:
     from hiddenkey_ds.evaluate import EvalError, tasks_for_recipe
 
     try:
         return tasks_for_recipe(recipe)[0][0]
     except (EvalError, KeyError):
-        return str((recipe.get("data") or {}).get("task") or (recipe.get("data") or {}).get("path"))
+        return str(recipe.data.task or recipe.data.path)
 
 
-def load_run(path: str | Path) -> Run:
-    p = Path(path)
+def _read_json(path: Path) -> Any:
     try:
-        recipe = yaml.safe_load((p / "config.yaml").read_text())
-    except OSError:
-        raise ReportError(f"{p} is not a run directory (no config.yaml)") from None
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not JSON ({err}) (hint: delete it and re-create it: re-run `hiddenkey-ds eval` "
+                          "for an eval file)") from None
+
+
+def load_run(path: str | Path, label: str | None = None, variant: str | None = None) -> Run:
+    """One run directory; `label` (a sweep's method name) overrides the recipe's run.label; `variant` is the
+    sweep's task name."""
+    from hiddenkey_ds.evaluate import EvalError, read_run_recipe
+
+    p = Path(path)
+    if not (p / "config.yaml").is_file():
+        raise ReportError(f"{p} is not a run directory (no config.yaml) (hint: pass the directories training wrote, "
+                          "e.g. OUT/runs/* of a sweep)")
+    try:
+        recipe = read_run_recipe(p)
+    except EvalError as err:
+        raise ReportError(str(err)) from None
     metrics = []
     if (p / "metrics.jsonl").is_file():
         for n, line in enumerate((p / "metrics.jsonl").read_text().splitlines(), 1):
@@ -94,36 +184,162 @@ def load_run(path: str | Path) -> Run:
                 try:
                     metrics.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ReportError(f"{p}/metrics.jsonl line {n} is not JSON: {err}") from None
-    summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else None
-    evals = {f.stem: json.loads(f.read_text()) for f in sorted((p / "eval").glob("*.json"))}
-    return Run(p, recipe, method_label(recipe), int(recipe.get("run", {}).get("seed", 0)), _task_of(recipe),
-               metrics, summary, evals)
+                    raise ReportError(f"{p}/metrics.jsonl line {n} is not JSON: {err} (hint: the loop writes whole "
+                                      "lines; a truncated last line means the run died mid-write: resume it)") from None
+    summary = _read_json(p / "summary.json") if (p / "summary.json").is_file() else None
+    evals = {f.stem: _read_json(f) for f in sorted((p / "eval").glob("*.json"))}
+    method = label or recipe.run.label or method_label(recipe)
+    return Run(p, recipe, method, recipe.run.seed, _task_of(recipe), metrics, summary, evals, variant)
+
+
+def mark_variants(runs: list[Run]) -> None:
+    """Sweep tasks that train on the same lm-eval task (say clean and noisy RTE) get rows of their own, named
+    VARIANT/TASK; a task reached one way keeps its plain name."""
+    variants: dict[str, set[str | None]] = {}
+    for run in runs:
+        variants.setdefault(run.task, set()).add(run.variant)
+    for run in runs:
+        run.prefixed = len(variants[run.task]) > 1
 
 
 def _accuracy_metric(results: dict[str, Any], task: str) -> tuple[str, float] | None:
     row = results.get("results", {}).get(task, {})
     for name in ("acc", "mcc", "f1", "exact_match"):
-        if isinstance(row.get(f"{name},none"), (int, float)):
+        if _number(row.get(f"{name},none")):
             return name, float(row[f"{name},none"])
     return None
 
 
-def _method_key(method: str) -> tuple[int, str]:
-    base = method.split(" [")[0].split(" + ")[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+def eval_settings(results: dict[str, Any]) -> dict[str, Any]:
+    """The lm-eval settings that change a score: limit and batch size (ours, else lm-eval's own config)."""
+    ours, theirs = results.get("hiddenkey_ds") or {}, results.get("config") or {}
+    return {"limit": ours.get("limit", theirs.get("limit")), "batch_size": ours.get("batch_size", theirs.get("batch_size"))}
+
+
+# -- checks before anything is compared -------------------------------------------------------------------
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _method_settings(recipe: Recipe) -> dict[str, Any]:
+    flat = _flat(recipe.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in SEED_KEYS)}
+
+
+def check_groups(runs: list[Run]) -> None:
+    """Runs reported as one method on one task must be one method: only seeds and bookkeeping may differ."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.key(), run.method), []).append(run)
+    problems = []
+    for (task, method), group in groups.items():
+        ref = _method_settings(group[0].recipe)
+        for other in group[1:]:
+            mine = _method_settings(other.recipe)
+            diff = sorted(k for k in set(ref) | set(mine) if ref.get(k) != mine.get(k))
+            if diff:
+                shown = ", ".join(f"{k} ({ref.get(k)!r} vs {mine.get(k)!r})" for k in diff[:4])
+                problems.append(f"{method!r} on {task}: {group[0].path} and {other.path} differ in {shown}"
+                                + (f" and {len(diff) - 4} more" if len(diff) > 4 else ""))
+                break
+        seeds = [r.seed for r in group]
+        dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+        if dupes:
+            paths = ", ".join(str(r.path) for r in group if r.seed in dupes)
+            problems.append(f"{method!r} on {task}: seed(s) {dupes} given more than once ({paths})")
+    if problems:
+        raise ReportError("runs grouped as one method are not one method:\n" + "\n".join(f"  - {p}" for p in problems)
+                          + "\n(hint: give each setting its own name with run.label=NAME, as `hiddenkey-ds sweep` "
+                          "does, or pass each run directory once)")
+
+
+def check_eval_settings(runs: list[Run]) -> None:
+    """Scores of one task are comparable only when lm-eval ran them with the same limit and batch size."""
+    seen: dict[str, dict[tuple[Any, Any], list[str]]] = {}
+    for run in runs:
+        for stem in ("base", *KIND_FILES.values()):
+            results = run.evals.get(stem)
+            if not results:
+                continue
+            s = eval_settings(results)
+            for task in results.get("results", {}):
+                seen.setdefault(run.key(task), {}).setdefault((s["limit"], s["batch_size"]), []).append(
+                    str(run.path / "eval" / f"{stem}.json"))
+    problems = []
+    for task, by_setting in sorted(seen.items()):
+        if len(by_setting) > 1:
+            parts = [f"limit={limit} batch_size={bs}: {files[0]}" + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+                     for (limit, bs), files in by_setting.items()]
+            problems.append(f"{task}: " + "; ".join(parts))
+    if problems:
+        raise ReportError("lm-eval scores made with different limits or batch sizes are not comparable:\n"
+                          + "\n".join(f"  - {p}" for p in problems)
+                          + "\n(hint: delete the odd files and re-run `hiddenkey-ds eval RUN_DIR --limit L "
+                          "--batch-size B` with one setting for all, or report the groups separately)")
+
+
+# -- the numbers ------------------------------------------------------------------------------------------
+
+def _preset(recipe: Recipe) -> str:
+    return recipe.dropout.preset
+
+
+def _no_dropout(recipe: Recipe) -> bool:
+    return not recipe.dropout.active and not recipe.dropout.dual_pass and not recipe.lora.dropout
+
+
+def pick_baseline(runs: list[Run], explicit: str | None = None) -> str | None:
+    """The method the others are compared with: --baseline, else one named lora (any case), else the only
+    method trained without any dropout."""
+    methods = list(dict.fromkeys(r.method for r in runs))
+    if explicit is not None:
+        if explicit not in methods:
+            raise ReportError(f"--baseline {explicit!r} is not among the methods {methods} (hint: name one of them)")
+        return explicit
+    named = [m for m in methods if m.lower() == "lora"]
+    if len(named) == 1:
+        return named[0]
+    plain = [m for m in methods if all(_no_dropout(r.recipe) for r in runs if r.method == m)]
+    return plain[0] if len(plain) == 1 else None
+
+
+def _method_key(baseline: str | None, runs: list[Run]):
+    preset = {}
+    for run in runs:
+        preset.setdefault(run.method, _preset(run.recipe))
+
+    def key(method: str) -> tuple[int, int, str]:
+        p = preset.get(method, "custom")
+        return (0 if method == baseline else 1, PRESET_ORDER.index(p) if p in PRESET_ORDER else len(PRESET_ORDER),
+                method)
+    return key
+
+
+def describe(values: dict[int, float]) -> dict[str, Any]:
+    """Median, mean and sample std over seeds (std None for one seed)."""
+    seeds = sorted(values)
+    vals = [values[s] for s in seeds]
+    return {"seeds": seeds, "values": vals, "n": len(vals), "median": statistics.median(vals),
+            "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None}
 
 
 def paired_test(method: dict[int, float], baseline: dict[int, float]) -> dict[str, Any]:
     """Paired t-test over the seeds both have (scores of the same seed are paired)."""
     seeds = sorted(set(method) & set(baseline))
     diffs = [method[s] - baseline[s] for s in seeds]
-    out: dict[str, Any] = {"test": "paired t-test across seeds", "n_pairs": len(seeds), "p": None}
+    out: dict[str, Any] = {"test": "paired t-test across seeds", "n": len(seeds), "seeds": seeds, "t": None,
+                           "p": None, "note": None}
     if len(seeds) < 2:
-        out["note"] = f"needs >= 2 seeds run with both methods (has {len(seeds)})"
+        out["note"] = f"n<2: no test (n={len(seeds)} seed{'s' if len(seeds) != 1 else ''} run with both)"
         return out
-    if len(set(diffs)) == 1:
-        out["note"] = "identical difference on every seed: the t statistic is undefined"
+    if max(diffs) - min(diffs) < 1e-12:
+        out["note"] = "the same difference on every seed: no test (the t statistic is undefined)"
         return out
     from scipy import stats
 
@@ -132,55 +348,125 @@ def paired_test(method: dict[int, float], baseline: dict[int, float]) -> dict[st
     return out
 
 
-def build_table(runs: list[Run]) -> dict[str, Any]:
+def _paper_setting(runs: list[Run]) -> dict[str, Any] | None:
+    """The paper's table for these runs when their model is the paper's (LLaMA-2-7B, base not chat)."""
+    names = {r.recipe.model.name.rstrip("/").split("/")[-1].lower() for r in runs}
+    if len(names) == 1:
+        name = names.pop().replace("_", "-")
+        if name.removesuffix("-hf") in ("llama-2-7b", "llama2-7b"):
+            return PAPER_RESULTS["llama-2-7b"]
+    return None
+
+
+def _paper_method(method: str, recipe: Recipe, baseline: str | None) -> str | None:
+    """The paper's row a method of ours stands beside: the baseline, else its dropout preset's name."""
+    if method == baseline:
+        return BASELINE
+    return PRESET_LABELS.get(_preset(recipe)) if _preset(recipe) != "none" else None
+
+
+def build_table(runs: list[Run], primary: str = "best", baseline: str | None = None) -> dict[str, Any]:
     """Everything the report shows, as plain data (also written as report.json)."""
-    scores: dict[tuple[str, str], dict[int, float]] = {}
+    if primary not in KINDS:
+        raise ReportError(f"--primary {primary!r}: choose best or final")
+    check_groups(runs)
+    check_eval_settings(runs)
+    base_name = pick_baseline(runs, baseline)
+    order = _method_key(base_name, runs)
+    scores: dict[str, dict[tuple[str, str], dict[int, float]]] = {k: {} for k in KINDS}
+    steps: dict[str, dict[tuple[str, str], dict[int, Any]]] = {k: {} for k in KINDS}
     metric_of: dict[str, str] = {}
+    runs_of_task: dict[str, list[Run]] = {}
     base: dict[str, dict[str, Any]] = {}
     for run in runs:
-        results = run.evals.get("results")
-        if results:
-            for task in results.get("results", {}):
-                found = _accuracy_metric(results, task)
+        for kind in KINDS:
+            results = run.evals.get(KIND_FILES[kind])
+            if not results:
+                continue
+            for lm_task in results.get("results", {}):
+                found = _accuracy_metric(results, lm_task)
                 if found is None:
                     continue
+                task = run.key(lm_task)
                 metric_of[task] = found[0]
-                seeds = scores.setdefault((task, run.method), {})
-                if run.seed in seeds:
-                    raise ReportError(
-                        f"two runs of {run.method} on {task} with seed {run.seed} (one is {run.path}); "
-                        "give each run once"
-                    )
-                seeds[run.seed] = found[1]
-        for task in (run.evals.get("base") or {}).get("results", {}):
-            found = _accuracy_metric(run.evals["base"], task)
+                scores[kind].setdefault((task, run.method), {})[run.seed] = found[1]
+                steps[kind].setdefault((task, run.method), {})[run.seed] = (results.get("hiddenkey_ds") or {}).get("step")
+                if run not in runs_of_task.setdefault(task, []):
+                    runs_of_task[task].append(run)
+        for lm_task in (run.evals.get("base") or {}).get("results", {}):
+            found = _accuracy_metric(run.evals["base"], lm_task)
+            task = run.key(lm_task)
             if found and task not in base:  # the same base model and task give the same number: keep one
                 base[task] = {"metric": found[0], "value": found[1], "source": str(run.path / "eval" / "base.json")}
-    rows = []
-    for task in sorted({t for t, _ in scores}):
-        baseline = scores.get((task, BASELINE))
-        for method in sorted((m for t, m in scores if t == task), key=_method_key):
-            values = scores[(task, method)]
-            vals = [values[s] for s in sorted(values)]
-            row = {"task": task, "method": method, "metric": metric_of[task], "seeds": sorted(values),
-                   "values": vals, "mean": statistics.fmean(vals),
-                   "std": statistics.stdev(vals) if len(vals) > 1 else None}
-            if baseline is not None and method != BASELINE:
-                row["delta_vs_lora"] = row["mean"] - statistics.fmean(baseline.values())
-                row["significance"] = paired_test(values, baseline)
-            rows.append(row)
-    return {"rows": rows, "base": base, "runs": [_run_row(r) for r in runs]}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for kind in KINDS:
+        rows = []
+        for task in sorted({t for t, _ in scores[kind]}):
+            ref = scores[kind].get((task, base_name)) if base_name else None
+            ref_stats = describe(ref) if ref else None
+            for method in sorted((m for t, m in scores[kind] if t == task), key=order):
+                values = scores[kind][(task, method)]
+                row = {"task": task, "method": method, "kind": kind, "metric": metric_of[task], **describe(values),
+                       "steps": [steps[kind][(task, method)][s] for s in sorted(values)]}
+                if ref_stats is not None and method != base_name:
+                    row["delta_vs_baseline"] = {"median": row["median"] - ref_stats["median"],
+                                                "mean": row["mean"] - ref_stats["mean"]}
+                    row["significance"] = paired_test(values, ref)
+                rows.append(row)
+        tables[kind] = rows
+    methods = sorted({r.method for r in runs}, key=order)
+    per_method = []
+    for m in methods:
+        group = [r for r in runs if r.method == m]
+        walls = [r.wall_time_s for r in group if r.wall_time_s is not None]
+        per_method.append({"method": m, "dropout": method_label(group[0].recipe), "runs": len(group),
+                           "wall_time_s_mean": statistics.fmean(walls) if walls else None,
+                           "wall_time_s_total": sum(walls) if walls else None, "timed_runs": len(walls)})
+    paper = []
+    for task, task_runs in sorted(runs_of_task.items()):
+        setting = _paper_setting(task_runs)
+        data_tasks = {r.recipe.data.task for r in task_runs}
+        if setting is None or len(data_tasks) != 1 or data_tasks <= {None}:
+            continue
+        published = setting["tasks"].get(next(iter(data_tasks)))
+        if not published:
+            continue
+        for paper_method, value in published.items():
+            row = {"task": task, "paper_method": paper_method, "paper": value / 100, "source": setting["source"],
+                   "model": setting["model"], "statistic": setting["statistic"], "ours": []}
+            for m in methods:
+                group = [r for r in task_runs if r.method == m]
+                if not group or _paper_method(m, group[0].recipe, base_name) != paper_method:
+                    continue
+                for kind in KINDS:
+                    values = scores[kind].get((task, m))
+                    if values:
+                        d = describe(values)
+                        row["ours"].append({"method": m, "kind": kind, "median": d["median"], "n": d["n"]})
+            paper.append(row)
+    settings = {}
+    for run in runs:
+        for stem in ("base", *KIND_FILES.values()):
+            for task in (run.evals.get(stem) or {}).get("results", {}):
+                settings.setdefault(run.key(task), eval_settings(run.evals[stem]))
+    return {"primary": primary, "baseline": base_name, "scores": tables, "base": base, "methods": per_method,
+            "paper": paper, "paper_citation": PAPER_CITATION if paper else None, "eval_settings": settings,
+            "runs": [_run_row(r) for r in runs]}
 
 
 def overfitting(run: Run) -> dict[str, Any] | None:
     steps, losses = run.curve("validation", "loss")
-    if len(losses) < 2:
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    if len(losses) < 2 or not finite:
         return None
-    best = min(range(len(losses)), key=losses.__getitem__)
-    rise = (losses[-1] - losses[best]) / losses[best] if losses[best] > 0 else 0.0
+    best = min(finite, key=losses.__getitem__)
     _, train = run.curve("train", "ce")
-    return {"best_step": steps[best], "best_val_loss": losses[best], "final_val_loss": losses[-1],
-            "final_train_ce": train[-1] if train else None, "rise": rise, "overfit": rise > OVERFIT_THRESHOLD}
+    out = {"best_step": steps[best], "best_val_loss": losses[best], "final_val_loss": losses[-1],
+           "final_train_ce": train[-1] if train else None, "diverged": not math.isfinite(losses[-1])}
+    if out["diverged"]:  # a NaN / inf final loss: no rise to compute, and certainly no healthy end
+        return {**out, "rise": None, "overfit": True}
+    rise = (losses[-1] - losses[best]) / losses[best] if losses[best] > 0 else 0.0
+    return {**out, "rise": rise, "overfit": rise > OVERFIT_THRESHOLD}
 
 
 def _run_row(run: Run) -> dict[str, Any]:
@@ -190,84 +476,156 @@ def _run_row(run: Run) -> dict[str, Any]:
             found = _accuracy_metric(results, task)
             if found:
                 acc[f"{stem}:{task}"] = found[1]
-    return {"path": str(run.path), "method": run.method, "seed": run.seed, "task": run.task,
-            "finished": run.summary is not None, "steps": (run.summary or {}).get("steps"),
-            "wall_time_s": (run.summary or {}).get("wall_time_s"), "lm_eval": acc, "overfitting": overfitting(run)}
+    return {"path": str(run.path), "method": run.method, "dropout": method_label(run.recipe), "seed": run.seed,
+            "task": run.key(), "finished": run.summary is not None, "steps": (run.summary or {}).get("steps"),
+            "wall_time_s": run.wall_time_s, "best_validation": run.best_validation(),
+            "validation_source": _validation_source(run.recipe), "selected_on_eval_data": _selected_on_eval_data(run.recipe),
+            "lm_eval": acc, "overfitting": overfitting(run)}
+
+
+def _selected_on_eval_data(recipe: Recipe) -> bool:
+    """Whether the loop's validation split is the split lm-eval scores (the hk_* tasks score validation/dev)."""
+    return not getattr(recipe.data, "validation_from_train", None) and recipe.data.eval_split == "validation" \
+        and recipe.data.eval_path is None
+
+
+def _validation_source(recipe: Recipe) -> str:
+    carved = getattr(recipe.data, "validation_from_train", None)
+    if carved:
+        return f"carved from the training data ({carved:g})"
+    if recipe.data.eval_split is None:
+        return "none"
+    return f"the {recipe.data.eval_split!r} split"
 
 
 # -- rendering ---------------------------------------------------------------------------------------------
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+_STEM_NAMES = {"results": "final", "results_best": "best", "base": "base model", "results_4bit": "final 4-bit",
+               "results_best_4bit": "best 4-bit"}
 
 
-def _mean_std(row: dict[str, Any]) -> str:
-    if row["std"] is None:
-        return f"{_pct(row['mean'])} (n=1)"
-    return f"{_pct(row['mean'])} ± {_pct(row['std'])} (n={len(row['values'])})"
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}"
 
 
-def _significance(row: dict[str, Any]) -> str:
+def _cell(row: dict[str, Any]) -> str:
+    """median · mean ± std (n): the paper reports the median (NLU), the mean shows the spread."""
+    spread = f"{_pct(row['mean'])} ± {_pct(row['std'])}" if row["std"] is not None else _pct(row["mean"])
+    return f"{_pct(row['median'])} · {spread} (n={row['n']})"
+
+
+def _significance(row: dict[str, Any], baseline: str | None) -> str:
     sig = row.get("significance")
     if sig is None:
-        return "baseline" if row["method"] == BASELINE else "— (no LoRA runs)"
+        return "baseline" if row["method"] == baseline else "— (no baseline runs)"
     if sig["p"] is None:
-        return f"n/a: {sig['note']}"
-    return f"p = {sig['p']:.3g} (t = {sig['t']:.2f}, {sig['n_pairs']} seeds)"
+        return sig["note"]
+    return f"p = {sig['p']:.3g} (t = {sig['t']:.2f}, n = {sig['n']})"
 
 
-def render_markdown(table: dict[str, Any], figures: list[str]) -> str:
-    rows, base = table["rows"], table["base"]
+def _score_table(table: dict[str, Any], kind: str, methods: list[str]) -> list[str]:
+    rows, base = table["scores"][kind], table["base"]
+    if not rows:
+        return [f"No run has {KIND_FILES[kind]}.json: "
+                + ("no run kept a best-validation adapter (adapter_best/: runs with a validation split)."
+                   if kind == "best" else "run `hiddenkey-ds eval RUN_DIR` first."), ""]
+    tasks = sorted({r["task"] for r in rows})
+    metric = {r["task"]: r["metric"] for r in rows}
+    shown = [m for m in methods if any(r["method"] == m for r in rows)]
+    header = ["task (metric)"] + ([BASE_MODEL] if base else []) + shown
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        cells = [f"{task} ({metric[task]})"]
+        if base:
+            cells.append(_pct(base[task]["value"]) if task in base else "—")
+        by_method = {r["method"]: r for r in rows if r["task"] == task}
+        best = max(by_method.values(), key=lambda r: r["median"])["method"]
+        for m in shown:
+            r = by_method.get(m)
+            cell = "—" if r is None else _cell(r)
+            cells.append(f"**{cell}**" if r is not None and m == best and len(by_method) > 1 else cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_markdown(table: dict[str, Any], figures: list[str], extra: list[str] = ()) -> str:
+    primary, baseline = table["primary"], table["baseline"]
+    other = next(k for k in KINDS if k != primary)
+    methods = [m["method"] for m in table["methods"]]
     lines = ["# hiddenkey-ds report", ""]
-    if rows:
-        tasks = sorted({r["task"] for r in rows})
-        methods = sorted({r["method"] for r in rows}, key=_method_key)
-        metric = {r["task"]: r["metric"] for r in rows}
-        lines += ["## lm-eval accuracy: task x method", "",
-                  "Mean ± sample std over seeds, in %; the base model row is the pretrained model without adapter.", ""]
-        header = ["task (metric)"] + ([BASE_MODEL] if base else []) + methods
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for task in tasks:
-            cells = [f"{task} ({metric[task]})"]
-            if base:
-                cells.append(_pct(base[task]["value"]) if task in base else "—")
-            by_method = {r["method"]: r for r in rows if r["task"] == task}
-            best = max(by_method.values(), key=lambda r: r["mean"])["method"]
-            for m in methods:
-                r = by_method.get(m)
-                cell = "—" if r is None else _mean_std(r)
-                cells.append(f"**{cell}**" if r is not None and m == best and len(by_method) > 1 else cell)
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Bold: the best method of the row.", "",
-                  "## Against the LoRA baseline", "",
-                  "| task | method | seeds | mean ± std (%) | Δ vs LoRA (points) | significance |",
-                  "|---|---|---|---|---|---|"]
-        for r in rows:
-            delta = r.get("delta_vs_lora")
-            lines.append(
-                f"| {r['task']} | {r['method']} | {', '.join(map(str, r['seeds']))} | {_mean_std(r)} | "
-                f"{'—' if delta is None else f'{100 * delta:+.1f}'} | {_significance(r)} |"
-            )
-    else:
-        lines += ["No run has lm-eval results (RUN_DIR/eval/results.json): run `hiddenkey-ds eval RUN_DIR` first.", ""]
-
-    lines += ["", "## Runs", "",
-              "Overfitting: validation loss at the end vs. its minimum (flagged when more than "
-              f"{100 * OVERFIT_THRESHOLD:.0f}% above it).", "",
-              "| run | method | seed | steps | wall time | final train CE | val loss: best (step) → final | overfit "
-              "| lm-eval |",
+    settings = "; ".join(f"{t}: limit {s['limit'] if s['limit'] is not None else 'none (full split)'}, "
+                         f"batch size {s['batch_size']}" for t, s in sorted(table["eval_settings"].items()))
+    lines += [f"lm-eval accuracy in %. Each cell: **median** · mean ± sample std over seeds (n seeds); bold = the row's "
+              "best median. Best-validation checkpoint = the run's adapter_best/, the step with the highest accuracy "
+              f"on its validation split (ties: lower validation loss). Baseline: {baseline or 'none found'}. "
+              + (f"lm-eval settings: {settings}." if settings else ""), ""]
+    for i, kind in enumerate((primary, other)):
+        title = f"## {'Headline' if i == 0 else 'Also'}: {KIND_TITLES[kind]} ({KIND_FILES[kind]}.json)"
+        lines += [title, ""] + _score_table(table, kind, methods)
+        if kind == "best" and table["scores"]["best"]:
+            leaky = [r for r in table["runs"] if r["selected_on_eval_data"] and "results_best" in
+                     {k.split(":", 1)[0] for k in r["lm_eval"]}]
+            if leaky:
+                lines += [f"Caution: {len(leaky)} run(s) chose their best checkpoint on their `validation` split, which "
+                          "is the split lm-eval scores, so these best-checkpoint scores are optimistic (hint: carve the "
+                          "validation split from the training data, data.validation_from_train).", ""]
+    if table["paper"]:
+        lines += ["## Beside the paper", "",
+                  f"Only where the setting is the paper's (model and task). Source: {table['paper_citation']}; the "
+                  "paper reports the median of 5 runs and does not state whether from the best or the final epoch.", "",
+                  "| task | method (paper) | published | ours: method, score | ours: median (n) |",
+                  "|---|---|---|---|---|"]
+        for p in table["paper"]:
+            ours = p["ours"] or [None]
+            for o in ours:
+                mine = "—" if o is None else f"{o['method']}, {KIND_TITLES[o['kind']]}"
+                value = "no matching method" if o is None else f"{_pct(o['median'], 2)} (n={o['n']})"
+                lines.append(f"| {p['task']} | {p['paper_method']} | {100 * p['paper']:.2f} — {p['source']} | {mine} "
+                             f"| {value} |")
+        lines.append("")
+    lines += ["## Against the baseline", ""]
+    if baseline is None:
+        lines += ["No baseline: no method is named `lora` and not exactly one trains without dropout "
+                  "(`--baseline METHOD` names one).", ""]
+    lines += ["| task | score | method | seeds | median | mean ± std | Δ median | Δ mean | paired t-test across seeds |",
               "|---|---|---|---|---|---|---|---|---|"]
+    for kind in (primary, other):
+        for r in table["scores"][kind]:
+            d = r.get("delta_vs_baseline")
+            dm = "—" if d is None else f"{100 * d['median']:+.2f}"
+            da = "—" if d is None else f"{100 * d['mean']:+.2f}"
+            spread = f"{_pct(r['mean'], 2)} ± {_pct(r['std'], 2)}" if r["std"] is not None else _pct(r["mean"], 2)
+            lines.append(f"| {r['task']} | {kind} | {r['method']} | {', '.join(map(str, r['seeds']))} | "
+                         f"{_pct(r['median'], 2)} | {spread} | {dm} | {da} | {_significance(r, baseline)} |")
+    lines += ["", "Δ in points against the baseline's median / mean; the t-test pairs runs of the same seed.", "",
+              "## Methods and wall time", "",
+              "| method | dropout setting | runs | mean wall time per run | total |", "|---|---|---|---|---|"]
+    for m in table["methods"]:
+        mean = "—" if m["wall_time_s_mean"] is None else f"{m['wall_time_s_mean']:.0f} s"
+        total = "—" if m["wall_time_s_total"] is None else f"{m['wall_time_s_total']:.0f} s"
+        lines.append(f"| {m['method']} | {m['dropout']} | {m['runs']} | {mean} | {total} |")
+    lines += ["", "## Runs", "",
+              "Best validation: the step with the highest validation accuracy (the adapter_best/ step). Overfitting: "
+              "validation loss at the end vs. its minimum (flagged when more than "
+              f"{100 * OVERFIT_THRESHOLD:.0f}% above it).", "",
+              "| run | method | seed | steps | wall time | validation split | best validation: acc (step) | final train CE "
+              "| val loss: best (step) → final | overfit | lm-eval |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["runs"]:
-        o = r["overfitting"]
+        o, b = r["overfitting"], r["best_validation"]
         curve = "—" if o is None else f"{o['best_val_loss']:.3f} ({o['best_step']}) → {o['final_val_loss']:.3f}"
-        flag = "—" if o is None else f"{'yes' if o['overfit'] else 'no'} (+{100 * o['rise']:.0f}%)"
+        flag = "—" if o is None else "yes (diverged: final val loss not finite)" if o["diverged"] else \
+            f"{'yes' if o['overfit'] else 'no'} (+{100 * o['rise']:.0f}%)"
         ce = "—" if o is None or o["final_train_ce"] is None else f"{o['final_train_ce']:.3f}"
-        acc = ", ".join(f"{k.split(':', 1)[1]}{' (base)' if k.startswith('base:') else ''} {_pct(v)}"
+        best = "—" if b is None else f"{_pct(b['accuracy'])} ({b['step']})"
+        acc = ", ".join(f"{k.split(':', 1)[1]} {_STEM_NAMES.get(k.split(':', 1)[0], k.split(':', 1)[0])} {_pct(v)}"
                         for k, v in r["lm_eval"].items()) or "not evaluated"
         wall = "—" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f} s"
         steps = r["steps"] if r["finished"] else "unfinished"
-        lines.append(f"| `{r['path']}` | {r['method']} | {r['seed']} | {steps} | {wall} | {ce} | {curve} | {flag} "
-                     f"| {acc} |")
+        lines.append(f"| `{r['path']}` | {r['method']} | {r['seed']} | {steps} | {wall} | {r['validation_source']} | "
+                     f"{best} | {ce} | {curve} | {flag} | {acc} |")
+    for section in extra:
+        lines += ["", section.rstrip()]
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -277,16 +635,7 @@ def _colors(methods: list[str]) -> dict[str, Any]:
     import matplotlib
 
     palette = matplotlib.colormaps["tab10"]
-    fixed = {m: i for i, m in enumerate(METHOD_ORDER)}
-    out, spare = {}, len(METHOD_ORDER)
-    for m in methods:
-        base = m.split(" [")[0].split(" + ")[0]
-        if base in fixed and not any(v == palette(fixed[base]) for v in out.values()):
-            out[m] = palette(fixed[base])
-        else:
-            out[m] = palette(spare % 10)
-            spare += 1
-    return out
+    return {m: palette(i % 10) for i, m in enumerate(methods)}
 
 
 def _mean_curve(runs: list[Run], split: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -299,16 +648,15 @@ def _mean_curve(runs: list[Run], split: str, key: str) -> tuple[list[int], list[
             [max(per_step[s]) for s in steps])
 
 
-def plot_curves(runs: list[Run], task: str, path: Path) -> None:
+def plot_curves(runs: list[Run], task: str, path: Path, methods: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     by_method: dict[str, list[Run]] = {}
     for run in runs:
         by_method.setdefault(run.method, []).append(run)
-    methods = sorted(by_method, key=_method_key)
     colors = _colors(methods)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for m in methods:
+    for m in [m for m in methods if m in by_method]:
         group, c = by_method[m], colors[m]
         n = len(group)
         steps, mean, lo, hi = _mean_curve(group, "train", "ce")
@@ -317,8 +665,8 @@ def plot_curves(runs: list[Run], task: str, path: Path) -> None:
             if n > 1:
                 ax_loss.fill_between(steps, lo, hi, color=c, alpha=0.08)
         steps, mean, lo, hi = _mean_curve(group, "validation", "loss")
-        if steps:
-            best = min(range(len(mean)), key=mean.__getitem__)
+        if steps and any(math.isfinite(v) for v in mean):
+            best = min((i for i, v in enumerate(mean) if math.isfinite(v)), key=mean.__getitem__)
             rise = (mean[-1] - mean[best]) / mean[best] if mean[best] > 0 else 0.0
             verdict = f"overfits: final val loss +{100 * rise:.0f}% over its min" if rise > OVERFIT_THRESHOLD \
                 else f"final val loss +{100 * rise:.0f}% over its min"
@@ -338,7 +686,8 @@ def plot_curves(runs: list[Run], task: str, path: Path) -> None:
     ax_loss.legend(fontsize=8, loc="upper right")
     ax_acc.set(title=f"{task}: validation accuracy (training loop, answer argmax)", xlabel="optimizer step",
                ylabel="accuracy (%)")
-    ax_acc.legend(fontsize=8, loc="lower right")
+    if ax_acc.get_legend_handles_labels()[0]:  # runs without validation accuracy draw nothing here
+        ax_acc.legend(fontsize=8, loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -349,84 +698,136 @@ def plot_curves(runs: list[Run], task: str, path: Path) -> None:
 def plot_accuracy(table: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows, base = table["rows"], table["base"]
-    tasks = sorted({r["task"] for r in rows})
-    methods = sorted({r["method"] for r in rows}, key=_method_key)
+    kinds = [k for k in (table["primary"], *[k for k in KINDS if k != table["primary"]]) if table["scores"][k]]
+    base = table["base"]
+    methods = [m["method"] for m in table["methods"]]
     colors = _colors(methods)
+    all_rows = [r for k in kinds for r in table["scores"][k]]
+    tasks = sorted({r["task"] for r in all_rows})
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(8.5, 4.2 + 0.8 * len(tasks) * max(1, len(methods))), 4.8))
-    for ti, task in enumerate(tasks):
-        by_method = {r["method"]: r for r in rows if r["task"] == task}
-        best = max(by_method.values(), key=lambda r: r["mean"])["method"]
-        for mi, m in enumerate(methods):
-            r = by_method.get(m)
-            if r is None:
-                continue
-            x = ti + (mi - (len(methods) - 1) / 2) * width
-            ax.bar(x, 100 * r["mean"], width * 0.9, color=colors[m], label=m if ti == 0 else None,
-                   yerr=None if r["std"] is None else 100 * r["std"], capsize=4,
-                   edgecolor="black", linewidth=1.8 if m == best and len(by_method) > 1 else 0.4)
-            ax.scatter([x] * len(r["values"]), [100 * v for v in r["values"]], color="black", s=12, zorder=3)
-            ax.annotate(f"{100 * r['mean']:.1f}" + (" ★" if m == best and len(by_method) > 1 else ""),
-                        (x, 100 * (r["mean"] + (r["std"] or 0))), ha="center", va="bottom", fontsize=9,
-                        xytext=(0, 3), textcoords="offset points")
-        if task in base:
-            ax.hlines(100 * base[task]["value"], ti - 0.45, ti + 0.45, colors="dimgray", linestyles="--", lw=1.5,
-                      label=BASE_MODEL if ti == 0 else None)
-    n_seeds = sorted({len(r["values"]) for r in rows})
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(ylabel=f"{rows[0]['metric']} (%)" if rows else "accuracy (%)",
-           title=f"lm-eval accuracy: mean ± std over seeds (n = {', '.join(map(str, n_seeds))}); "
-                 "dots = seeds, ★ = best")
-    lows = [100 * min(r["values"]) for r in rows] + [100 * b["value"] for b in base.values()]
-    ax.set_ylim(max(0.0, min(lows) - 10), 100 * min(1.0, max(r["mean"] + (r["std"] or 0) for r in rows) + 0.08))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: never on a bar
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(len(kinds) * max(6.5, 3.2 + 0.8 * len(tasks) * len(methods)), 4.8),
+                             squeeze=False)
+    lows = [100 * min(r["values"]) for r in all_rows] + [100 * b["value"] for b in base.values()]
+    top = 100 * min(1.0, max(max(r["mean"] + (r["std"] or 0), *r["values"]) for r in all_rows) + 0.08)
+    for ax, kind in zip(axes[0], kinds):
+        rows = table["scores"][kind]
+        for ti, task in enumerate(tasks):
+            by_method = {r["method"]: r for r in rows if r["task"] == task}
+            best = max(by_method.values(), key=lambda r: r["median"])["method"] if by_method else None
+            for mi, m in enumerate(methods):
+                r = by_method.get(m)
+                if r is None:
+                    continue
+                x = ti + (mi - (len(methods) - 1) / 2) * width
+                ax.bar(x, 100 * r["mean"], width * 0.9, color=colors[m], label=m if ti == 0 else None,
+                       yerr=None if r["std"] is None else 100 * r["std"], capsize=4,
+                       edgecolor="black", linewidth=1.8 if m == best and len(by_method) > 1 else 0.4)
+                ax.scatter([x] * len(r["values"]), [100 * v for v in r["values"]], color="black", s=12, zorder=3)
+                ax.hlines(100 * r["median"], x - width * 0.4, x + width * 0.4, colors="black", lw=2.2, zorder=4)
+                ax.annotate(f"{100 * r['median']:.1f}" + (" ★" if m == best and len(by_method) > 1 else ""),
+                            (x, 100 * max(r["mean"] + (r["std"] or 0), max(r["values"]))), ha="center",
+                            va="bottom", fontsize=9,
+                            xytext=(0, 3), textcoords="offset points")
+            if task in base:
+                ax.hlines(100 * base[task]["value"], ti - 0.45, ti + 0.45, colors="dimgray", linestyles="--", lw=1.5,
+                          label=BASE_MODEL if ti == 0 else None)
+        n_seeds = sorted({r["n"] for r in rows})
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set(ylabel=f"{rows[0]['metric']} (%)", ylim=(max(0.0, min(lows) - 10), top),
+               title=f"{KIND_TITLES[kind]}: mean ± std, tick = median (n = {', '.join(map(str, n_seeds))})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # never on a bar
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
-    """Render report.md, report.json and the PNGs into out_dir; returns report.md."""
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: report.json must be JSON (no NaN / Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, *, labels: dict[str, str] | None = None,
+                 tasks: dict[str, str] | None = None, primary: str = "best", baseline: str | None = None,
+                 extra_sections: list[str] = ()) -> Path:
+    """Render report.md, report.json and the PNGs into out_dir; returns report.md.
+
+    `labels` maps a run directory (as given) to its method name, overriding run.label (a sweep passes its own
+    names, so runs trained before run.label existed group right too); `tasks` maps it to the sweep's task name.
+    Nothing is written unless every check passes."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     if not run_dirs:
-        raise ReportError("no run directories given")
-    runs = [load_run(p) for p in run_dirs]
+        raise ReportError("no run directories given (hint: hiddenkey-ds report OUT/runs/* --out report/)")
+    labels = {str(Path(k)): v for k, v in (labels or {}).items()}
+    tasks = {str(Path(k)): v for k, v in (tasks or {}).items()}
+    runs = [load_run(p, labels.get(str(Path(p))), tasks.get(str(Path(p)))) for p in run_dirs]
+    mark_variants(runs)
+    table = build_table(runs, primary=primary, baseline=baseline)
+    text = json.dumps(strict_json(table), indent=2, allow_nan=False) + "\n"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = build_table(runs)
     figures = []
-    if table["rows"]:
+    if any(table["scores"][k] for k in KINDS):
         plot_accuracy(table, out / "accuracy.png")
         figures.append("accuracy.png")
-    for task in sorted({r.task for r in runs}):
-        group = [r for r in runs if r.task == task and r.metrics]
+    methods = [m["method"] for m in table["methods"]]
+    for task in sorted({r.key() for r in runs}):
+        group = [r for r in runs if r.key() == task and r.metrics]
         if group:
             name = f"curves_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in task)}.png"
-            plot_curves(group, task, out / name)
+            plot_curves(group, task, out / name, methods)
             figures.append(name)
-    (out / "report.json").write_text(json.dumps(table, indent=2, default=_json_default) + "\n")
+    (out / "report.json").write_text(text)
     report = out / "report.md"
-    report.write_text(render_markdown(table, figures))
+    report.write_text(render_markdown(table, figures, list(extra_sections)))
     return report
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hiddenkey-ds report", description="Markdown + PNG report comparing runs.")
-    parser.add_argument("runs", nargs="+", help="run directories (each with config.yaml, metrics.jsonl, eval/)")
-    parser.add_argument("--out", default="report", help="output directory (default: ./report)")
+    parser.add_argument("runs", nargs="*", help="run directories (each with config.yaml, metrics.jsonl, eval/)")
+    parser.add_argument("--sweep", help="a sweep file: report its runs (those trained so far) under its method names")
+    parser.add_argument("--out", default=None, help="output directory (default: ./report, or OUT/report of --sweep)")
+    parser.add_argument("--primary", choices=KINDS, default=None,
+                        help="which lm-eval score leads the report: best (the best-validation checkpoint, the "
+                             "paper's protocol; default, or the sweep's `primary`) or final (the final adapter); "
+                             "both are always shown")
+    parser.add_argument("--baseline", help="method the others are compared with (default: the one named lora, else "
+                                           "the only one without dropout)")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.runs, args.out)
+        labels: dict[str, str] = {}
+        variants: dict[str, str] = {}
+        run_dirs: list[str | Path] = list(args.runs)
+        out = args.out or "report"
+        if args.sweep:
+            from hiddenkey_ds.sweep import SweepError, load_sweep
+
+            try:
+                sweep = load_sweep(args.sweep)
+            except SweepError as err:
+                raise ReportError(str(err)) from None
+            started = [r for r in sweep.runs() if (r.run_dir / "config.yaml").is_file()]
+            labels = {str(r.run_dir): r.method.name for r in started}
+            variants = {str(r.run_dir): r.task for r in started}
+            run_dirs += [r.run_dir for r in started]
+            out = args.out or str(sweep.out_dir / "report")
+            args.baseline = args.baseline or sweep.baseline
+            args.primary = args.primary or sweep.primary
+        if not run_dirs:
+            raise ReportError("no run directories (hint: hiddenkey-ds report RUN_DIR... or --sweep SWEEP.yaml)")
+        report = write_report(run_dirs, out, labels=labels, tasks=variants, primary=args.primary or "best",
+                              baseline=args.baseline)
     except ReportError as err:
         print(f"hiddenkey-ds report: error: {err}", file=sys.stderr)
         return 2

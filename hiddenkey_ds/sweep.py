@@ -1,51 +1,214 @@
 """`hiddenkey-ds sweep SWEEP.yaml`: a grid of methods x seeds x tasks, run one after another, then the report.
 
-A sweep file (see recipes/sweeps/):
+A sweep file (see recipes/sweeps/ and docs/reports.md):
 
     name: paper-rte
     out_dir: runs/sweeps/paper-rte       # runs land in OUT/runs/TASK-METHOD-seedS, the report in OUT/report
     recipe: recipes/smollm2-rte-lora.yaml
     ranks: 2                             # > 1: the `deepspeed` launcher with that many ranks; 1: plain python
-    methods:                             # name -> key=value overrides on the recipe, or {recipe:, overrides:}
-      lora: []
-      hiddenkey: [dropout.preset=hiddenkey]
+    methods:                             # name -> key=value overrides on the recipe, or a mapping:
+      lora: [dropout.preset=none]
+      hiddenkey:                         #   recipe: (its own recipe), overrides:, grid: (named axes)
+        overrides: [dropout.preset=hiddenkey]
+        grid:                            # expands into hiddenkey-k0.05-a1, hiddenkey-k0.05-a2, ...
+          k: {key: dropout.key.rate, values: [0.05, 0.1]}
+          a: {key: dropout.alpha, values: [1, 2]}
     seeds: [0, 1, 2]
     tasks:                               # name -> overrides that select the data
       rte: [data.task=rte, data.path=../shared/data/glue/RTE]
-    overrides: [train.max_steps=200]     # applied to every run (before run.seed / run.output_dir)
-    eval: {base: true, limit: null, batch_size: 16, tasks: null}   # tasks null: each run's training task
+    overrides: [train.max_steps=200]     # applied to every run (before the task's and the method's)
+    eval: {base: true, limit: null, batch_size: 16, tasks: null, adapter: null}
+    baseline: lora                       # what the report compares with (default: the method named lora)
+    primary: best                        # which score leads the report: best (validation checkpoint) or final
+
+Every run gets `run.label=METHOD`, so reports group runs by the sweep's method name. The file is validated with
+pydantic before anything runs, and so is the recipe of every (task, method) pair: every problem is listed at once.
 
 Re-running the same file is safe: finished runs (summary.json) are skipped, an interrupted run is resumed from
 its newest complete checkpoint (run.resume=true), and evaluations whose results JSON exists are not redone.
+`--only task=rte,method=lora` runs a subset. For a sweep with grid methods, `--select` (also done after every
+full pass) picks per task and grid the setting with the best mean over seeds of the best validation accuracy.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import fnmatch
+import itertools
+import json
 import os
+import re
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-KNOWN_KEYS = {"name", "out_dir", "recipe", "ranks", "methods", "seeds", "tasks", "overrides", "eval", "report"}
-EVAL_KEYS = {"base", "limit", "batch_size", "tasks"}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # method / task names become directory names
+ADAPTER = Literal["final", "best", "both"]
 
 
 class SweepError(RuntimeError):
-    pass
+    """A problem with the sweep's input (file, recipes, --only): exit status 2, nothing run or written."""
 
+
+class RunFailed(SweepError):
+    """A training or evaluation subprocess failed: exit status 1."""
+
+
+# -- the sweep file, validated ------------------------------------------------------------------------------
+
+def _check_override(value: str) -> str:
+    from hiddenkey_ds.config.keys import check_key
+
+    key, sep, _ = value.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{value!r} is not KEY=VALUE (hint: e.g. train.lr=3e-4 or dropout.preset=hiddenkey)")
+    problem = check_key(key.strip().split("."))
+    if problem:
+        raise ValueError(f"{value!r}: {problem}")
+    return value
+
+
+def _check_key(value: str) -> str:
+    from hiddenkey_ds.config.keys import check_key
+
+    problem = check_key(value.split("."))
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise ValueError(f"name {value!r}: use letters, digits and . _ + - (it names run directories), "
+                         "starting with a letter or digit")
+    return value
+
+
+Override = Annotated[str, AfterValidator(_check_override)]
+RecipeKey = Annotated[str, AfterValidator(_check_key)]
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GridAxis(_Strict):
+    key: RecipeKey = Field(description="recipe key the axis sets, e.g. dropout.key.rate")
+    values: list[Any] = Field(min_length=1, description="values tried, in order")
+
+
+class MethodSpec(_Strict):
+    recipe: str | None = Field(None, description="this method's recipe (default: the sweep's `recipe`)")
+    overrides: list[Override] = Field(default_factory=list)
+    grid: dict[Name, GridAxis] = Field(
+        default_factory=dict, description="axis short name -> {key, values}; the method expands into one method "
+        "per combination, named METHOD-<axis><value>-...")
+
+
+class EvalSpec(_Strict):
+    base: bool = Field(True, description="also evaluate the base model without adapter, once per task")
+    limit: int | float | None = Field(None, gt=0, description="lm-eval examples per task (a fraction if < 1)")
+    batch_size: int | None = Field(None, gt=0, description="lm-eval batch size (default: the run's eval.batch_size)")
+    tasks: list[str] | None = Field(None, description="lm-eval tasks (default: each run's training task)")
+    adapter: ADAPTER | None = Field(None, description="final, best or both (default: both when the run kept one)")
+
+
+def _as_method(value: Any) -> Any:
+    return {"overrides": value} if value is None or isinstance(value, list) else value
+
+
+class SweepFile(_Strict):
+    name: str | None = None
+    out_dir: str
+    recipe: str | None = None
+    ranks: int = Field(1, ge=1)
+    methods: dict[Name, MethodSpec] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    tasks: dict[Name, list[Override]] = Field(min_length=1)
+    overrides: list[Override] = Field(default_factory=list)
+    eval: EvalSpec = EvalSpec()
+    report: bool = True
+    baseline: str | None = None
+    primary: Literal["best", "final"] = "best"
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_lists(cls, value: Any) -> Any:
+        # `lora: [a=b]` is shorthand for `lora: {overrides: [a=b]}`
+        return {k: _as_method(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_lists(cls, value: Any) -> Any:
+        return {k: ([] if v is None else v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        dupes = sorted({s for s in value if value.count(s) > 1})
+        if dupes:
+            raise ValueError(f"seeds must be distinct integers; {dupes} repeat")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("a sweep file is a mapping (name, out_dir, recipe, methods, seeds, tasks, ...)")
+        return value
+
+
+_MODELS_AT = {"": SweepFile, "eval": EvalSpec, "methods.*": MethodSpec, "methods.*.grid.*": GridAxis}
+_TYPE_HINTS = {"list_type": "a list such as [a=1, b=2]", "dict_type": "a mapping", "int_type": "a whole number",
+               "int_parsing": "a whole number", "bool_type": "true or false", "bool_parsing": "true or false",
+               "string_type": "a string", "model_type": "a mapping", "float_type": "a number"}
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    """One line per problem, each with a hint, in the dotted key of the sweep file."""
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        path = ".".join(loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = ".".join("*" if (i % 2 and loc[0] == "methods") else p for i, p in enumerate(loc[:-1]))
+            model = _MODELS_AT.get(parent)
+            known = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+            lines.append(f"{path}: unknown key (hint: {hint})")
+        elif kind == "missing":
+            lines.append(f"{path}: required (hint: add `{loc[-1]}:` to the sweep file)")
+        elif kind in _TYPE_HINTS:
+            lines.append(f"{path}: expected {_TYPE_HINTS[kind]}, got {e.get('input')!r}")
+        elif kind == "too_short":
+            lines.append(f"{path}: must not be empty (hint: give at least one entry)")
+        else:
+            lines.append(f"{path}: {msg}" + ("" if "hint" in msg else f", got {e.get('input')!r}"))
+    return lines
+
+
+# -- the plan -----------------------------------------------------------------------------------------------
 
 @dataclass
 class Method:
     name: str
     recipe: Path
     overrides: list[str]
+    family: str | None = None                          # the grid method it was expanded from
+    grid: dict[str, Any] = field(default_factory=dict)  # axis short name -> value of this setting
 
 
 @dataclass
@@ -59,10 +222,25 @@ class Sweep:
     overrides: list[str] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)
     report: bool = True
+    baseline: str | None = None
+    primary: str = "best"
 
     def runs(self) -> list["PlannedRun"]:
         return [PlannedRun(self, task, method, seed)
                 for task in self.tasks for method in self.methods for seed in self.seeds]
+
+    @property
+    def grid_families(self) -> dict[str, list[Method]]:
+        out: dict[str, list[Method]] = {}
+        for m in self.methods:
+            if m.family is not None:
+                out.setdefault(m.family, []).append(m)
+        return out
+
+
+def _label_override(name: str) -> str:
+    # `run.label=1` or `=true` would be read as a number / bool: quote what YAML would not read as a string
+    return f"run.label={name}" if isinstance(yaml.safe_load(name), str) else f"run.label='{name}'"
 
 
 @dataclass
@@ -86,65 +264,153 @@ class PlannedRun:
             return "finished"
         return "interrupted" if self.run_dir.is_dir() and any(self.run_dir.iterdir()) else "new"
 
+    def recipe_overrides(self) -> list[str]:
+        """Overrides in order of precedence (later wins): sweep, task, method, then the run's identity."""
+        return [*self.sweep.overrides, *self.sweep.tasks[self.task], *self.method.overrides,
+                _label_override(self.method.name), f"run.seed={self.seed}", f"run.output_dir={self.run_dir}",
+                "eval.at_end=false"]
+
     def train_args(self) -> list[str]:
         """Recipe + overrides; the run's seed, directory and the sweep's evaluation policy come last."""
-        args = [str(self.method.recipe), *self.sweep.overrides, *self.sweep.tasks[self.task], *self.method.overrides,
-                f"run.seed={self.seed}", f"run.output_dir={self.run_dir}", "eval.at_end=false"]
+        args = [str(self.method.recipe), *self.recipe_overrides()]
         if self.state == "interrupted":
             args.append("run.resume=true")
         return args
 
 
-def _overrides(value: Any, where: str) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise SweepError(f"{where}: expected a list of key=value strings, got {value!r}")
-    return list(value)
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def _expand(name: str, spec: MethodSpec, recipe: Path) -> list[Method]:
+    if not spec.grid:
+        return [Method(name, recipe, list(spec.overrides))]
+    axes = list(spec.grid.items())
+    out = []
+    for combo in itertools.product(*(axis.values for _, axis in axes)):
+        grid = {short: value for (short, _), value in zip(axes, combo)}
+        suffix = "-".join(f"{short}{_fmt(value)}" for short, value in grid.items())
+        overrides = [*spec.overrides, *(f"{axis.key}={json.dumps(value)}" for (_, axis), value in zip(axes, combo))]
+        out.append(Method(f"{name}-{suffix}", recipe, overrides, family=name, grid=grid))
+    return out
+
+
+def _recipe_problems(sweep: Sweep) -> list[str]:
+    """Validate the recipe of every (task, method) pair as the run will load it; a problem shared by many pairs is
+    listed once, with how many it affects."""
+    from hiddenkey_ds.config import RecipeError, load_recipe
+
+    seen: dict[str, list[str]] = {}
+    for task in sweep.tasks:
+        for method in sweep.methods:
+            run = PlannedRun(sweep, task, method, sweep.seeds[0])
+            try:
+                load_recipe(method.recipe, run.recipe_overrides(), world_size=sweep.ranks, check_output_dir=False)
+            except RecipeError as err:
+                for problem in err.problems:
+                    seen.setdefault(problem, []).append(f"{task}/{method.name}")
+    out = []
+    for problem, where in seen.items():
+        at = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} other task/method pair(s)"
+        out.append(f"the recipe of {at}: {problem}")
+    return out
+
+
+def load_sweep(path: str | Path, check_recipes: bool = True) -> Sweep:
+    """Read and validate a sweep file; one SweepError lists every problem (nothing is run or written)."""
+    from hiddenkey_ds.config.overrides import RecipeLoader
+
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=RecipeLoader)
     except OSError as err:
-        raise SweepError(f"cannot read sweep file {p}: {err.strerror}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{p}: a sweep file is a mapping (name, out_dir, recipe, methods, seeds, tasks, ...)")
-    unknown = set(raw) - KNOWN_KEYS
-    if unknown:
-        raise SweepError(f"{p}: unknown key(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
-    for key in ("out_dir", "methods", "seeds", "tasks"):
-        if not raw.get(key):
-            raise SweepError(f"{p}: `{key}` is required and must not be empty")
-    default_recipe = raw.get("recipe")
-    methods = []
-    for name, spec in raw["methods"].items():
-        recipe = default_recipe
-        if isinstance(spec, dict):
-            extra = set(spec) - {"recipe", "overrides"}
-            if extra:
-                raise SweepError(f"{p}: methods.{name}: unknown key(s) {sorted(extra)} (recipe, overrides)")
-            recipe, spec = spec.get("recipe", default_recipe), spec.get("overrides")
+        raise SweepError(f"cannot read sweep file {p}: {err.strerror} (hint: sweep files live in "
+                         "recipes/sweeps/)") from None
+    except yaml.YAMLError as err:
+        raise SweepError(f"{p} is not valid YAML: {err}") from None
+    try:
+        spec = SweepFile.model_validate(raw)
+    except ValidationError as err:
+        raise _problems(p, _format_errors(err)) from None
+    problems: list[str] = []
+    methods: list[Method] = []
+    for name, m in spec.methods.items():
+        recipe = m.recipe or spec.recipe
         if not recipe:
-            raise SweepError(f"{p}: methods.{name} has no recipe: set `recipe:` at the top or in the method")
+            problems.append(f"methods.{name}: no recipe (hint: set `recipe:` at the top or in the method)")
+            continue
         if not Path(recipe).is_file():
-            raise SweepError(
-                f"{p}: methods.{name}: recipe {recipe} does not exist (paths are relative to {Path.cwd()})")
-        methods.append(Method(str(name), Path(recipe), _overrides(spec, f"{p}: methods.{name}")))
-    seeds = raw["seeds"]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
-        raise SweepError(f"{p}: seeds must be a list of distinct integers, got {seeds!r}")
-    tasks = {str(t): _overrides(o, f"{p}: tasks.{t}") for t, o in raw["tasks"].items()}
-    ev = raw.get("eval") or {}
-    if set(ev) - EVAL_KEYS:
-        raise SweepError(f"{p}: eval: unknown key(s) {sorted(set(ev) - EVAL_KEYS)}; known: {sorted(EVAL_KEYS)}")
-    ranks = int(raw.get("ranks", 1))
-    if ranks < 1:
-        raise SweepError(f"{p}: ranks must be >= 1, got {ranks}")
-    return Sweep(str(raw.get("name") or p.stem), Path(raw["out_dir"]), ranks, methods, seeds, tasks,
-                 _overrides(raw.get("overrides"), f"{p}: overrides"), ev, bool(raw.get("report", True)))
+            problems.append(f"methods.{name}: recipe {recipe} does not exist (hint: paths are relative to the "
+                            f"working directory, {Path.cwd()})")
+            continue
+        methods.extend(_expand(name, m, Path(recipe)))
+    names = [m.name for m in methods]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"methods: two methods are named {dup!r} (a grid setting's name collides with another "
+                        "method) (hint: rename one)")
+    for m in methods:
+        if not NAME_PATTERN.match(m.name):
+            problems.append(f"methods.{m.family}: grid setting name {m.name!r} is not a valid directory name "
+                            "(hint: grid values should be numbers or short words)")
+    if spec.baseline is not None and spec.baseline not in names and not problems:
+        problems.append(f"baseline: {spec.baseline!r} is not a method of this sweep (hint: one of {', '.join(names)})")
+    sweep = Sweep(spec.name or p.stem, Path(spec.out_dir), spec.ranks, methods, list(spec.seeds),
+                  {t: list(o) for t, o in spec.tasks.items()}, list(spec.overrides), spec.eval.model_dump(),
+                  spec.report, spec.baseline, spec.primary)
+    if check_recipes and not problems:
+        problems += _recipe_problems(sweep)
+    if problems:
+        raise _problems(p, problems)
+    return sweep
 
+
+def _problems(path: Path, problems: list[str]) -> SweepError:
+    n = len(problems)
+    return SweepError(f"{path}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {x}" for x in problems))
+
+
+# -- subsets: --only ----------------------------------------------------------------------------------------
+
+ONLY_KEYS = ("task", "method", "seed")
+
+
+def parse_only(text: str | None, sweep: Sweep) -> dict[str, list[str]]:
+    """`task=rte,method=lora,method=hiddenkey-*,seed=0`: the same key ORs, different keys AND. A method matches by
+    name, by its grid's name (all its settings) or by a shell pattern."""
+    if not text:
+        return {}
+    wanted: dict[str, list[str]] = {}
+    problems = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ONLY_KEYS or not value:
+            problems.append(f"--only {part!r}: expected KEY=VALUE with KEY one of {', '.join(ONLY_KEYS)} "
+                            "(hint: --only task=rte,method=lora)")
+            continue
+        wanted.setdefault(key, []).append(value)
+    choices = {"task": list(sweep.tasks), "seed": [str(s) for s in sweep.seeds],
+               "method": [m.name for m in sweep.methods] + list(sweep.grid_families)}
+    for key, values in wanted.items():
+        for value in values:
+            if not fnmatch.filter(choices[key], value):
+                problems.append(f"--only {key}={value}: matches no {key} of this sweep (hint: one of "
+                                f"{', '.join(choices[key])})")
+    if problems:
+        raise SweepError("\n".join(problems))
+    return wanted
+
+
+def selected(run: PlannedRun, only: dict[str, list[str]]) -> bool:
+    facts = {"task": [run.task], "seed": [str(run.seed)], "method": [run.method.name, run.method.family or ""]}
+    return all(any(fnmatch.fnmatchcase(f, pattern) for f in facts[key] for pattern in patterns)
+               for key, patterns in only.items())
+
+
+# -- running ------------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
     # the launcher's default 29500 collides with any other job on the machine
@@ -161,11 +427,13 @@ def train_command(run: PlannedRun) -> list[str]:
             "--module", "hiddenkey_ds.train", *run.train_args()]
 
 
-def eval_command(run_dir: Path, sweep: Sweep, base_only: bool = False) -> list[str]:
+def eval_command(run_dir: Path, sweep: Sweep, base_only: bool = False, adapter: str | None = None) -> list[str]:
     ev = sweep.eval
     cmd = [sys.executable, "-m", "hiddenkey_ds.cli", "eval", str(run_dir)]
     if base_only:
         cmd.append("--base-only")
+    elif adapter:
+        cmd += ["--adapter", adapter]
     if ev.get("tasks"):
         cmd += ["--tasks", ",".join(ev["tasks"])]
     if ev.get("limit") is not None:
@@ -173,6 +441,20 @@ def eval_command(run_dir: Path, sweep: Sweep, base_only: bool = False) -> list[s
     if ev.get("batch_size"):
         cmd += ["--batch-size", str(ev["batch_size"])]
     return cmd
+
+
+def missing_evaluations(run_dir: Path, adapter: str | None) -> str | None:
+    """The --adapter value that evaluates what a finished run still lacks (None: nothing to do)."""
+    from hiddenkey_ds.evaluate import EvalError, chosen_kinds, results_name
+
+    try:
+        kinds = chosen_kinds(run_dir, adapter)
+    except EvalError as err:
+        raise RunFailed(str(err)) from None
+    todo = [k for k in kinds if not (run_dir / "eval" / results_name(k)).is_file()]
+    if not todo:
+        return None
+    return todo[0] if len(todo) == 1 else "both"
 
 
 def _child_env(ranks: int) -> dict[str, str]:
@@ -194,18 +476,25 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict[str, str], what: str, 
         rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
-        raise SweepError(
-            f"{what} failed (exit {rc}) after {time.time() - started:.0f} s; last lines of {log_path}:\n{tail}")
+        raise RunFailed(
+            f"{what} failed (exit {rc}) after {time.time() - started:.0f} s; last lines of {log_path}:\n{tail}"
+            "(hint: fix the cause and re-run the same command: finished work is kept, this run resumes)")
     log(f"[sweep]   done in {time.time() - started:.0f} s")
 
 
-def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> Path | None:
-    """Train, evaluate and report every run of the grid; returns the report path (None without report)."""
-    runs = sweep.runs()
+def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, only: dict[str, list[str]] | None = None,
+              evaluate: bool = True) -> Path | None:
+    """Train, evaluate and report every run of the grid (or the `only` subset); returns the report path (None
+    without a report). `evaluate=False` trains only: a grid stage that is chosen on validation needs no lm-eval,
+    and a later run of the same sweep evaluates what is then selected."""
+    every = sweep.runs()
+    runs = [r for r in every if selected(r, only or {})]
     logs = sweep.out_dir / "logs"
-    log(f"[sweep] {sweep.name}: {len(runs)} runs ({len(sweep.tasks)} tasks x {len(sweep.methods)} methods x "
-        f"{len(sweep.seeds)} seeds) in {sweep.out_dir}")
+    subset = f", {len(runs)} selected by --only" if only else ""
+    log(f"[sweep] {sweep.name}: {len(every)} runs ({len(sweep.tasks)} tasks x {len(sweep.methods)} methods x "
+        f"{len(sweep.seeds)} seeds){subset} in {sweep.out_dir}")
     env, eval_env = _child_env(sweep.ranks), _child_env(1)  # lm-eval is one process: it gets every core
+    adapter = sweep.eval.get("adapter")
     for i, run in enumerate(runs, 1):
         state = run.state
         head = f"run {i}/{len(runs)} {run.name}"
@@ -217,24 +506,140 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> Path | None:
             _run_logged(train_command(run), logs / f"{run.name}.log", env,
                         f"{head}: {'resuming' if state == 'interrupted' else 'training'}", log)
         if dry_run:
+            if state == "finished" and missing_evaluations(run.run_dir, adapter):
+                log(f"[sweep] {head}: would evaluate: "
+                    f"{shlex.join(eval_command(run.run_dir, sweep, adapter=missing_evaluations(run.run_dir, adapter)))}")
             continue
-        if not (run.run_dir / "eval" / "results.json").is_file():
-            _run_logged(eval_command(run.run_dir, sweep), logs / f"{run.name}.eval.log", eval_env, f"{head}: lm-eval",
-                        log)
-    if sweep.eval.get("base", True) and not dry_run:
-        for task in sweep.tasks:
-            # one "before" row per task, kept in the task's first run directory where the report finds it
-            first = next(r for r in runs if r.task == task)
-            if not (first.run_dir / "eval" / "base.json").is_file():
-                _run_logged(eval_command(first.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log",
-                            eval_env, f"{task}: lm-eval of the base model", log)
-    if dry_run or not sweep.report:
+        todo = missing_evaluations(run.run_dir, adapter) if evaluate else None
+        if todo:
+            _run_logged(eval_command(run.run_dir, sweep, adapter=todo), logs / f"{run.name}.eval.log", eval_env,
+                        f"{head}: lm-eval ({todo} adapter{'s' if todo == 'both' else ''})", log)
+    if sweep.eval.get("base", True) and not dry_run and evaluate:
+        for task in dict.fromkeys(r.task for r in runs):
+            # one "before" row per task, kept in a run directory of the task where the report finds it
+            of_task = [r for r in every if r.task == task]
+            if any((r.run_dir / "eval" / "base.json").is_file() for r in of_task):
+                continue
+            home = next(r for r in of_task if (r.run_dir / "config.yaml").is_file())
+            _run_logged(eval_command(home.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log",
+                        eval_env, f"{task}: lm-eval of the base model", log)
+    if dry_run:
         return None
-    from hiddenkey_ds.report import write_report
+    extra = []
+    if sweep.grid_families:
+        selection = select(sweep)
+        path = write_selection(sweep, selection)
+        extra.append(render_selection(selection))
+        log(f"[sweep] validation selection: {path}")
+    if not sweep.report:
+        return None
+    from hiddenkey_ds.report import ReportError, write_report
 
-    report = write_report([r.run_dir for r in runs], sweep.out_dir / "report")
+    started = [r for r in every if (r.run_dir / "config.yaml").is_file()]
+    try:
+        report = write_report([r.run_dir for r in started], sweep.out_dir / "report",
+                              labels={str(r.run_dir): r.method.name for r in started},
+                              tasks={str(r.run_dir): r.task for r in started}, primary=sweep.primary,
+                              baseline=sweep.baseline, extra_sections=extra)
+    except ReportError as err:
+        raise SweepError(f"the runs are done but the report failed: {err}") from None
     log(f"[sweep] report: {report.resolve()}")
     return report
+
+
+# -- choosing a grid setting on the validation split ---------------------------------------------------------
+
+CRITERION = ("mean over seeds of each run's best validation accuracy (summary.json `best`, else metrics.jsonl), "
+             "ties: lower mean validation loss at those steps; lm-eval scores are never used")
+
+
+def select(sweep: Sweep) -> dict[str, Any]:
+    """Per task and grid method: every setting's best validation accuracy per seed, and the setting chosen."""
+    from hiddenkey_ds.report import ReportError, load_run
+
+    if not sweep.grid_families:
+        raise SweepError("this sweep has no grid methods: --select picks among a grid's settings (hint: give a "
+                         "method a `grid:` of axes)")
+    out: dict[str, Any] = {"sweep": sweep.name, "criterion": CRITERION, "seeds": sweep.seeds, "tasks": {}}
+    for task in sweep.tasks:
+        for family, settings in sweep.grid_families.items():
+            candidates, warnings = [], set()
+            for m in settings:
+                accs, losses, done = {}, {}, []
+                for seed in sweep.seeds:
+                    run_dir = PlannedRun(sweep, task, m, seed).run_dir
+                    if not (run_dir / "summary.json").is_file():
+                        continue
+                    try:
+                        run = load_run(run_dir, m.name)
+                    except ReportError as err:
+                        raise SweepError(str(err)) from None
+                    best = run.best_validation()
+                    if best is None:
+                        warnings.add(f"{run_dir} has no validation accuracy (hint: train with a validation split: "
+                                     "data.validation_from_train)")
+                        continue
+                    if not getattr(run.recipe.data, "validation_from_train", None):
+                        warnings.add("the validation split is not carved from the training data: choosing on it "
+                                     "is choosing on evaluation data (hint: data.validation_from_train)")
+                    accs[seed], losses[seed] = best["accuracy"], best["loss"]
+                    done.append(seed)
+                known_losses = [v for v in losses.values() if v is not None]
+                candidates.append({
+                    "method": m.name, "grid": m.grid, "overrides": m.overrides, "seeds": done,
+                    "best_val_accuracy": [accs[s] for s in done], "best_val_loss": [losses[s] for s in done],
+                    "mean_accuracy": statistics.fmean(accs.values()) if accs else None,
+                    "mean_loss": statistics.fmean(known_losses) if known_losses else None,
+                    "complete": len(done) == len(sweep.seeds)})
+            complete = [c for c in candidates if c["complete"]]
+            chosen = min(complete, key=lambda c: (-c["mean_accuracy"], c["mean_loss"] if c["mean_loss"] is not None
+                                                  else float("inf"), c["method"])) if complete else None
+            incomplete = [c["method"] for c in candidates if not c["complete"]]
+            if incomplete:
+                warnings.add(f"{len(incomplete)} setting(s) lack finished seeds and were not considered: "
+                             f"{', '.join(incomplete[:4])}{' ...' if len(incomplete) > 4 else ''}")
+            out["tasks"].setdefault(task, {})[family] = {
+                "chosen": chosen["method"] if chosen else None,
+                "grid": chosen["grid"] if chosen else None,
+                "overrides": chosen["overrides"] if chosen else None,
+                "mean_best_val_accuracy": chosen["mean_accuracy"] if chosen else None,
+                "candidates": candidates, "warnings": sorted(warnings)}
+    return out
+
+
+def render_selection(selection: dict[str, Any]) -> str:
+    lines = ["## Validation selection of grid settings", "",
+             f"Criterion: {selection['criterion']}. Seeds: {', '.join(map(str, selection['seeds']))}.", ""]
+    for task, families in selection["tasks"].items():
+        for family, s in families.items():
+            lines += [f"### {task} / {family}: " + (f"**{s['chosen']}**" if s["chosen"] else "no complete setting yet"),
+                      ""]
+            if s["chosen"]:
+                lines += [f"Overrides: `{' '.join(s['overrides'])}`; its runs alone: "
+                          f"`--only task={task},method={s['chosen']}`", ""]
+            axes = list(s["candidates"][0]["grid"]) if s["candidates"] else []
+            lines += ["| setting | " + " | ".join(axes) + " | seeds | best val acc per seed (%) | mean (%) "
+                      "| mean val loss |", "|---|" + "---|" * len(axes) + "---|---|---|---|"]
+            for c in sorted(s["candidates"], key=lambda c: -(c["mean_accuracy"] if c["mean_accuracy"] is not None
+                                                             else -1)):
+                star = " ★" if c["method"] == s["chosen"] else ""
+                per_seed = ", ".join(f"{100 * a:.1f}" for a in c["best_val_accuracy"]) or "—"
+                mean = "—" if c["mean_accuracy"] is None else f"{100 * c['mean_accuracy']:.2f}"
+                loss = "—" if c["mean_loss"] is None else f"{c['mean_loss']:.4f}"
+                lines.append(f"| {c['method']}{star} | " + " | ".join(_fmt(c["grid"][a]) for a in axes)
+                             + f" | {len(c['seeds'])}/{len(selection['seeds'])} | {per_seed} | {mean} | {loss} |")
+            lines += [""] + [f"Note: {w}" for w in s["warnings"]] + ([""] if s["warnings"] else [])
+    return "\n".join(lines) + "\n"
+
+
+def write_selection(sweep: Sweep, selection: dict[str, Any]) -> Path:
+    from hiddenkey_ds.report import strict_json
+
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep.out_dir / "selection.json"
+    path.write_text(json.dumps(strict_json(selection), indent=2, allow_nan=False) + "\n")
+    (sweep.out_dir / "selection.md").write_text(render_selection(selection))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,12 +647,34 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run a methods x seeds x tasks grid, then report.")
     parser.add_argument("sweep", help="sweep YAML (see recipes/sweeps/)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run states, run nothing")
+    parser.add_argument("--only", metavar="KEY=VALUE,...",
+                        help="run a subset: task=, method= (a name, a grid's name, or a pattern such as "
+                             "hiddenkey-k0.1-*), seed=; the same key twice = either, e.g. method=lora,method=dropkey")
+    parser.add_argument("--select", action="store_true",
+                        help="run nothing: pick each grid's setting per task by mean best validation accuracy over "
+                             "seeds; print it and write OUT/selection.json")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="train (and select, report) only: no lm-eval, e.g. for a grid stage chosen on validation")
     args = parser.parse_args(argv)
     try:
-        report = run_sweep(load_sweep(args.sweep), dry_run=args.dry_run)
-    except SweepError as err:
+        sweep = load_sweep(args.sweep)
+        only = parse_only(args.only, sweep)
+        if args.select:
+            if only:
+                raise SweepError("--select reads every finished run of the sweep: drop --only")
+            selection = select(sweep)
+            text = render_selection(selection)
+            path = write_selection(sweep, selection)
+            print(text)
+            print(f"selection: {path.resolve()}")
+            return 0
+        report = run_sweep(sweep, dry_run=args.dry_run, only=only, evaluate=not args.no_eval)
+    except RunFailed as err:
         print(f"hiddenkey-ds sweep: error: {err}", file=sys.stderr)
         return 1
+    except SweepError as err:
+        print(f"hiddenkey-ds sweep: error: {err}", file=sys.stderr)
+        return 2
     if report is not None:
         print(report.read_text())
     return 0

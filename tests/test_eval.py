@@ -87,21 +87,42 @@ def test_prompts_are_the_training_templates_and_match_stock_lm_eval_strings():
         assert [text + c for c in choices] == stock_strings, name
 
 
+def tiny_recipe(*overrides: str, out: str = "/nonexistent/run"):
+    """The tiny recipe through the schema, as a run's config.yaml holds it."""
+    from hiddenkey_ds.config import load_recipe
+
+    return load_recipe(ROOT / "recipes" / "tiny-lora.yaml", [f"run.output_dir={out}", *overrides],
+                       check_output_dir=False)
+
+
 def test_tasks_for_recipe(tmp_path):
     local = tmp_path / "RTE"
     local.mkdir()
-    assert evaluate.tasks_for_recipe({"data": {"task": "rte", "path": str(local)}}) == (
+    assert evaluate.tasks_for_recipe(tiny_recipe("data.task=rte", f"data.path={local}")) == (
         ["hk_rte_local"], {"rte_dir": str(local.resolve())})
-    assert evaluate.tasks_for_recipe({"data": {"task": "rte"}}) == (["hk_rte"], {})
-    assert evaluate.tasks_for_recipe({"data": {"task": "sst2", "path": "builtin:toy-sst2"}}) == (["hk_toy_sst2"], {})
-    assert evaluate.tasks_for_recipe({"eval": {"tasks": ["hk_cola"]}, "data": {"task": "rte"}}) == (["hk_cola"], {})
+    assert evaluate.tasks_for_recipe(tiny_recipe("data.task=rte", "data.path=null")) == (["hk_rte"], {})
+    assert evaluate.tasks_for_recipe(tiny_recipe()) == (["hk_toy_sst2"], {})
+    assert evaluate.tasks_for_recipe(tiny_recipe("eval.tasks=[hk_cola]", "data.task=rte", "data.path=null")) == (
+        ["hk_cola"], {})
     # named tasks still get the run's local data directory
-    recipe = {"eval": {"tasks": ["hk_rte_local"]}, "data": {"task": "rte", "path": str(local)}}
+    recipe = tiny_recipe("eval.tasks=[hk_rte_local]", "data.task=rte", f"data.path={local}")
     assert evaluate.tasks_for_recipe(recipe) == (["hk_rte_local"], {"rte_dir": str(local.resolve())})
-    with pytest.raises(evaluate.EvalError, match="sft"):
-        evaluate.tasks_for_recipe({"data": {"format": "sft", "path": str(local)}})
+    with pytest.raises(evaluate.EvalError, match="sft.*hint: name the lm-eval tasks"):
+        evaluate.tasks_for_recipe(tiny_recipe("data.format=sft", "data.task=null", f"data.path={local}"))
     with pytest.raises(evaluate.EvalError, match="neither a local directory"):
-        evaluate.tasks_for_recipe({"data": {"task": "rte", "path": str(tmp_path / "missing")}})
+        evaluate.tasks_for_recipe(tiny_recipe("data.task=rte", f"data.path={tmp_path / 'missing'}"))
+
+
+def test_old_run_config_without_newer_fields_loads_with_schema_defaults(tmp_path):
+    """A config.yaml written before fields existed (here: no run.label, lora.bias, eval section) still loads."""
+    full = yaml.safe_load(tiny_recipe(out=str(tmp_path)).to_yaml())
+    del full["run"]["label"], full["lora"]["bias"], full["eval"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(full))
+    recipe = evaluate.read_run_recipe(tmp_path)
+    assert recipe.run.label is None and recipe.lora.bias == "none" and recipe.eval.batch_size == 8
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**full, "lora": {"rank": 8}}))
+    with pytest.raises(evaluate.EvalError, match=r"lora.rank: unknown key \(hint: did you mean lora.r\?\)"):
+        evaluate.read_run_recipe(tmp_path)
 
 
 def test_local_task_without_directory_says_how_to_give_it():
@@ -158,12 +179,102 @@ def test_base_only_writes_the_before_row(sst2_dir, tmp_path):
     assert evaluate.primary_metrics(result)["hk_sst2_local"]["acc"] == result["results"]["hk_sst2_local"]["acc,none"]
 
 
-def test_cli_errors_are_precise(tmp_path):
+def fake_run(directory: Path, adapter: Path, *overrides: str, best: Path | None = None, steps: int = 6,
+             best_step: int = 4) -> Path:
+    """A run directory in the training loop's layout: config.yaml, adapter/, [adapter_best/], summary.json."""
+    import shutil
+
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(tiny_recipe(*overrides, out=str(directory)).to_yaml())
+    shutil.copytree(adapter, directory / "adapter")
+    summary = {"steps": steps, "wall_time_s": 1.0, "final_eval": None, "adapter": str(directory / "adapter"),
+               "best": None}
+    if best is not None:
+        shutil.copytree(best, directory / "adapter_best")
+        summary["best"] = {"step": best_step, "accuracy": 0.75, "loss": 0.5, "adapter": str(directory / "adapter_best")}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def other_adapter(tmp_path_factory) -> Path:
+    """A second adapter with other weights: the best checkpoint of fake runs, so its scores differ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hiddenkey_ds.models import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    out = tmp_path_factory.mktemp("adapter_best")
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_best_and_final_adapters_each_get_their_results_file(adapter, other_adapter, tmp_path):
+    run_dir = fake_run(tmp_path / "run", adapter, best=other_adapter, steps=6, best_step=4)
+    quiet = {"limit": 24, "batch_size": 8, "device": "cpu", "log": lambda *_: None}
+    paths = evaluate.run_eval(run_dir, **quiet)  # default: both, since the run kept adapter_best/
+    assert [p.name for p in paths] == ["results.json", "results_best.json"]
+    final, best = (json.loads(p.read_text()) for p in paths)
+    assert final["hiddenkey_ds"]["adapter_kind"] == "final" and final["hiddenkey_ds"]["step"] == 6
+    assert final["hiddenkey_ds"]["adapter"] == str((run_dir / "adapter").resolve())
+    assert best["hiddenkey_ds"]["adapter_kind"] == "best" and best["hiddenkey_ds"]["step"] == 4
+    assert best["hiddenkey_ds"]["adapter"] == str((run_dir / "adapter_best").resolve())
+    assert best["hiddenkey_ds"]["best_validation"]["accuracy"] == 0.75
+    assert f"peft={(run_dir / 'adapter_best').resolve()}" in best["hiddenkey_ds"]["stock_command"]
+    # different weights, different log-likelihoods: the best file really scored the best adapter
+    assert final["results"]["hk_toy_sst2"] != best["results"]["hk_toy_sst2"]
+
+    only = evaluate.run_eval(run_dir, adapter="final", out_dir=tmp_path / "final-only", **quiet)
+    assert [p.name for p in only] == ["results.json"]
+    assert json.loads(only[0].read_text())["results"] == final["results"]
+
+
+def test_cli_errors_are_precise(adapter, tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2  # neither a run nor an adapter
-    with pytest.raises(evaluate.EvalError, match="no final adapter"):
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "builtin:tiny-llama"}}))
-        evaluate.resolve_target(str(tmp_path))
+    assert "neither a run directory" in capsys.readouterr().err
+    run_dir = fake_run(tmp_path / "no-best", adapter)
+    # --adapter best on a run that kept no best adapter: one line with a hint, nothing written
+    assert evaluate.main([str(run_dir), "--adapter", "best"]) == 2
+    err = capsys.readouterr().err
+    assert "no best adapter" in err and "hint: train with data.validation_from_train" in err
+    assert "Traceback" not in err and not (run_dir / "eval").exists()
+    assert evaluate.chosen_kinds(run_dir, None) == ["final"]
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text(tiny_recipe(out=str(tmp_path / "half")).to_yaml())
+    with pytest.raises(evaluate.EvalError, match="no final adapter.*not finished"):
+        evaluate.resolve_target(str(tmp_path / "half"))
+    assert evaluate.main([str(adapter), "--base", "builtin:nope", "--tasks", "hk_toy_sst2", "--out",
+                          str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown builtin model 'builtin:nope'" in err and "hint:" in err and not (tmp_path / "out").exists()
     assert get_template("rte").choices == (" True", " False")
+
+
+@pytest.mark.parametrize("case", ["sft", "single-file", "local-task-without-dir"])
+def test_runs_eval_cannot_score_fail_cleanly(adapter, tmp_path, case):
+    """`hiddenkey-ds eval` on a run trained on SFT data or on one data file: exit 2, one message with a hint, no
+    traceback, nothing written."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b", "sentence": "fine .", "label": 1}) + "\n")
+    overrides = {"sft": ["data.format=sft", "data.task=null", f"data.path={data}"],
+                 "single-file": [f"data.path={data}"], "local-task-without-dir": [f"data.path={data}"]}[case]
+    run_dir = fake_run(tmp_path / "run", adapter, *overrides)
+    extra = ["--tasks", "hk_sst2_local"] if case == "local-task-without-dir" else []
+    rc = subprocess.run([sys.executable, "-m", "hiddenkey_ds.cli", "eval", str(run_dir), "--limit", "4", *extra],
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert rc.returncode == 2, rc.stderr[-2000:]
+    errors = [line for line in rc.stderr.splitlines() if line.startswith("hiddenkey-ds eval: error:")]
+    assert len(errors) == 1 and "hint:" in errors[0] and "Traceback" not in rc.stderr
+    expected = {"sft": "free-form (sft) data", "single-file": "is a single file",
+                "local-task-without-dir": "cannot load task(s) hk_sst2_local"}[case]
+    assert expected in errors[0]
+    assert not (run_dir / "eval").exists()
 
 
 def test_training_tokens_are_the_tokens_lm_eval_scores():
@@ -250,9 +361,9 @@ def test_qlora_run_is_also_scored_on_its_4bit_base(tmp_path):
     run_dir = tmp_path / "qlora-run"
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
         run_dir / "adapter")
-    recipe = {"model": {"name": str(tmp_path / "base"), "quantization": "4bit", "quant_type": "nf4", "dtype": "bf16"},
-              "data": {"format": "classification", "task": "sst2", "path": "builtin:toy-sst2"}}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe))
+    recipe = tiny_recipe(f"model.name={tmp_path / 'base'}", "model.quantization=4bit", "model.quant_type=nf4",
+                         "model.dtype=bf16", out=str(run_dir))
+    (run_dir / "config.yaml").write_text(recipe.to_yaml())
     paths = evaluate.run_eval(run_dir, limit=4, batch_size=4, device="cpu", quantized="require", log=lambda *_: None)
     assert [p.name for p in paths] == ["results.json", "results_4bit.json"]
     full, quant = (json.loads(p.read_text()) for p in paths)

@@ -34,6 +34,11 @@ class RunSection(_Section):
         description="DeepSpeed config: a name in ds_configs/ (zero0, zero1, zero2, zero3, zero3_offload) or a path to "
         "a JSON file; ZeRO-2 suits LoRA (ZeRO-3 re-gathers the frozen base every step)",
     )
+    label: str | None = Field(
+        None,
+        description="method name reports group and show this run under (hiddenkey-ds sweep sets the sweep's method "
+        "name); null = a name derived from the dropout setting",
+    )
 
 
 class ModelSection(_Section):
