@@ -53,21 +53,6 @@ def rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
 
 
-def _precheck_sweep(rest: list[str]) -> str | None:
-    """A sweep file's mistakes are bad input (exit 2); hiddenkey_ds.sweep reports every failure, a run that fails
-    hours in included, with one status. Loading the file here first tells the two apart."""
-    files = [a for a in rest if not a.startswith("-")]
-    if len(files) != 1 or any(a in ("-h", "--help") for a in rest):
-        return None  # argparse of the subcommand explains its own usage
-    from hiddenkey_ds.sweep import SweepError, load_sweep
-
-    try:
-        load_sweep(files[0])
-    except SweepError as err:
-        return str(err)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -78,11 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hiddenkey-ds: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        if name == "sweep":
-            problem = _precheck_sweep(rest)
-            if problem is not None:
-                print(f"hiddenkey-ds sweep: error: {problem}", file=sys.stderr)
-                return 2
         module = importlib.import_module(SUBCOMMANDS[name][0])
         return int(module.main(rest) or 0)
     except Exception as err:  # noqa: BLE001 - only the package's bad-input types are handled, the rest re-raised
