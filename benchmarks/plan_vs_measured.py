@@ -42,7 +42,7 @@ TINY_RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
 TINY_SHAPE = ModelShape("tiny-llama", layers=2, hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=1024,
                         tie_embeddings=False)
 SHAPES = {"tiny": TINY_SHAPE, "smollm2": BUILTIN_SHAPES["smollm2-135m"]}
-METHODS = {"lora": "none", "hiddenkey": "hiddenkey"}  # -> dropout.preset
+METHODS = {"lora": "none", "hiddenkey": "hiddenkey", "dropkey": "dropkey"}  # -> dropout.preset
 
 # Acceptance: |estimate - measured| <= max(REL_TOL * measured, ABS_TOL). The floor covers allocator and
 # Python-object noise of a few MiB that does not scale with the model; every validated configuration is
@@ -225,6 +225,12 @@ class Probe:
     checkpointing: bool = False
     zero3_linear: bool = False
     dtype: str = "fp32"
+    key_pattern: str | None = None          # None: the preset's
+    layers: str | None = None               # dropout.layers; None: the default (the latter half)
+    consistency_grad: str | None = None     # None: the default (one_branch)
+    attention_pattern: str | None = None
+    rebuild_mask_bytes: int | None = None   # None: hiddenkey_ds.dropout's threshold (moved down to reach the
+                                            # rebuilt-mask branch at probe sizes)
 
 
 def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
@@ -234,8 +240,9 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hiddenkey_ds.dropout import DropoutConfig, apply_dropout
+    from hiddenkey_ds.dropout import DropoutConfig
     from hiddenkey_ds.models import _enable_gradient_checkpointing
+    from hiddenkey_ds.objective import HiddenKeyObjective
 
     s = probe.shape
     dtype = torch.bfloat16 if probe.dtype == "bf16" else torch.float32
@@ -253,9 +260,20 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
     model.train()
     for p in model.parameters():
         p.data = p.data.to(dtype)  # DeepSpeed's engine casts PEFT's fp32 adapters to the training dtype
-    cfg = DropoutConfig(preset=probe.preset)
-    apply_dropout(model, cfg)
-    rows = probe.micro_batch * (2 if cfg.dual_pass else 1)  # the objective's [x; x]
+    overrides = {}
+    if probe.key_pattern:
+        overrides["key"] = {"pattern": probe.key_pattern}
+    if probe.attention_pattern:
+        overrides["attention"] = {"pattern": probe.attention_pattern}
+    if probe.layers:
+        overrides["layers"] = probe.layers
+    if probe.consistency_grad:
+        overrides["consistency_grad"] = probe.consistency_grad
+    cfg = DropoutConfig(preset=probe.preset, **overrides)
+    # the objective's passes, as training runs them: a dual pass shares the layers before the first dropout layer,
+    # then duplicates the rows (both) or replays without grad (one_branch)
+    objective = HiddenKeyObjective(model, cfg).train()
+    rows = probe.micro_batch
     ids = torch.randint(3, s.vocab, (rows, probe.seq_len), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     if probe.padded:
@@ -269,6 +287,11 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    from hiddenkey_ds.dropout import attention as dropout_attention
+
+    threshold = dropout_attention.REBUILD_MASK_BYTES
+    if probe.rebuild_mask_bytes is not None:
+        dropout_attention.REBUILD_MASK_BYTES = probe.rebuild_mask_bytes
     linear = torch.nn.functional.linear
     if probe.zero3_linear:
         from deepspeed.runtime.zero.linear import zero3_linear_wrap
@@ -277,9 +300,10 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             decoder = model.get_base_model().get_decoder()
-            decoder(input_ids=ids, attention_mask=mask if probe.padded else None)
+            objective._passes(decoder, ids, mask if probe.padded else None)
     finally:
         torch.nn.functional.linear = linear
+        dropout_attention.REBUILD_MASK_BYTES = threshold
     # rotary cos/sin are computed once and shared by every layer (not kept at all under checkpointing,
     # which passes them as keyword arguments); the planner leaves them out
     rotary = 0 if probe.checkpointing else 2 * probe.seq_len * s.dim_head * (2 if probe.dtype == "bf16" else 4)
@@ -287,8 +311,12 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
         shape=s, dtype=probe.dtype, lora_r=8, lora_targets=probe.targets, lora_dropout=probe.lora_dropout,
         zero_stage=3 if probe.zero3_linear else 0, micro_batch=probe.micro_batch, seq_len=probe.seq_len,
         padded=probe.padded, gradient_checkpointing=probe.checkpointing, dual_pass=cfg.dual_pass,
-        key_dropout=cfg.key.rate > 0, attention_dropout=cfg.attention.rate > 0, hidden_dropout=cfg.hidden.rate > 0,
-        hidden_pattern=cfg.hidden.pattern, gpus_per_node=1, device="cpu")
+        consistency_grad=cfg.consistency_grad,
+        dropout_layers=tuple(cfg.layers) if isinstance(cfg.layers, list) else cfg.layers,
+        key_dropout=cfg.key.rate > 0, key_pattern=cfg.key.pattern, attention_dropout=cfg.attention.rate > 0,
+        attention_pattern=cfg.attention.pattern, hidden_dropout=cfg.hidden.rate > 0, hidden_pattern=cfg.hidden.pattern,
+        gpus_per_node=1, device="cpu", **({"rebuild_mask_bytes": probe.rebuild_mask_bytes}
+                                           if probe.rebuild_mask_bytes is not None else {}))
     return sum(saved.values()) - rotary, estimate(plan_cfg, suggest=False).extras["decoder_saved"]
 
 

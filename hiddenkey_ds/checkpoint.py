@@ -65,12 +65,25 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory so that no crash midway leaves it looking complete: the marker goes first."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    A complete checkpoint of the same step is kept as it is: it can only be the one this run resumed from
+    (no step ran since), and deleting it to write it again would leave a kill in between nothing newer than
+    the previous checkpoint to resume from."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     path = root / tag
     rank = dist.get_rank()
+    if (path / COMPLETE).is_file():
+        dist.barrier()  # every rank sees the same marker before anyone moves on
+        return path
     if rank == 0 and path.exists():  # an incomplete leftover of a crashed save at the same step
         shutil.rmtree(path)
     dist.barrier()
@@ -81,7 +94,7 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     if rank == 0:
         _fsync_write(path / COMPLETE, json.dumps({"step": step}))
         for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     dist.barrier()
     return path
 
@@ -148,3 +161,50 @@ def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | 
             saved = reloaded
     dist.barrier()
     return saved
+
+
+# -- what a resume may change ------------------------------------------------------------------------------------
+
+# Dotted recipe keys (a trailing ".*" covers a whole section) whose change cannot alter the trained weights or
+# the validation metrics: logging and checkpoint cadence, the evaluation run after training, display names.
+# Everything else, present or future (a new schema field is covered without being listed), must be equal.
+SAFE_ON_RESUME = ("run.label", "train.log_every", "train.save_every", "train.keep_checkpoints", "eval.*")
+# Not settings of the run at all: where it lives (found through it) and the switch that asks for the resume.
+IGNORED_ON_RESUME = ("run.output_dir", "run.resume")
+_ABSENT = "<absent>"
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in SAFE_ON_RESUME)
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Two spellings of one existing local path (relative vs absolute, ./x vs x) are the same setting."""
+    if not (isinstance(a, str) and isinstance(b, str)) or a.startswith("builtin:") or b.startswith("builtin:"):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(result-changing, safe) differences between two recipe dumps (``Recipe.model_dump(mode="json")``), each
+    as (dotted key, old value, new value)."""
+    a, b = _flatten(old), _flatten(new)
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if key in IGNORED_ON_RESUME:
+            continue
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va == vb or _same_path(va, vb):
+            continue
+        (safe if _safe(key) else unsafe).append((key, va, vb))
+    return unsafe, safe

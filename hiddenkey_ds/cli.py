@@ -1,7 +1,14 @@
-"""`hiddenkey-ds SUBCOMMAND ...`: one entry point, each subcommand lives in its own module."""
+"""`hiddenkey-ds SUBCOMMAND ...`: one entry point, each subcommand lives in its own module.
+
+Bad input of any subcommand (a recipe, model, data file, run directory, sweep file, ...) ends in one message
+with a hint and exit status 2, printed once (by rank 0 under a launcher), never in a traceback: the modules
+report it with their own exception types, which this entry point turns into that message when a module lets one
+escape.
+"""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # Subcommand -> module exposing `main(argv: list[str]) -> int`. Imported lazily so that `hiddenkey-ds plan`
@@ -15,11 +22,35 @@ SUBCOMMANDS = {
     "plan": ("hiddenkey_ds.plan", "estimate per-GPU memory of a recipe before queueing it"),
 }
 
+# The package's bad-input exceptions, by module: each is caught only if its module was imported (a subcommand
+# that never imported it cannot raise it).
+USER_ERRORS = {
+    "hiddenkey_ds.config.errors": "RecipeError",
+    "hiddenkey_ds.models": "ModelLoadError",
+    "hiddenkey_ds.builtin_models": "BuiltinModelError",
+    "hiddenkey_ds.evaluate": "EvalError",
+    "hiddenkey_ds.report": "ReportError",
+    "hiddenkey_ds.sweep": "SweepError",
+}
+
 
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
     return f"usage: hiddenkey-ds SUBCOMMAND [args...]\n\nsubcommands:\n{rows}\n"
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    found = []
+    for module, name in USER_ERRORS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def rank_zero() -> bool:
+    return os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"hiddenkey-ds: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except Exception as err:  # noqa: BLE001 - only the package's bad-input types are handled, the rest re-raised
+        if not isinstance(err, user_error_types()):
+            raise
+        if rank_zero():
+            print(f"hiddenkey-ds {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.resources import resource_dir
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = resource_dir("ds_configs")  # the checkout's ds_configs/, or the copy a wheel ships
 BUILTIN_DS_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
 # Settings that are DeepSpeed-only but whose DeepSpeed default is unhelpful for us: DeepSpeed prints every

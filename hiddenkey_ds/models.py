@@ -33,11 +33,12 @@ def resolve_model_path(name: str) -> str:
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise ModelLoadError(f"model.name={name!r} is a local path without config.json: not a HF model directory")
+            raise ModelLoadError(f"model.name: {name!r} is a local path without config.json, not a Hugging Face model "
+                                 "directory (hint: point model.name at the directory holding config.json and the weights)")
         return str(local.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(
-            f"model.name={name!r} looks like a local path but does not exist (hint: a hub id is 'owner/name'; "
+            f"model.name: {name!r} looks like a local path but does not exist (hint: a hub id is 'owner/name'; "
             f"builtin models: {', '.join(BUILTINS)})"
         )
     return name  # a hub id: from_pretrained downloads or reads the HF cache

@@ -48,6 +48,7 @@ COST_OFFLOAD = 1.0
 COST_HALVE_MICRO_BATCH = 0.10
 COST_CHECKPOINTING = 0.33
 COST_4BIT = 0.50
+PATTERNS = ("element", "column", "span")
 DS_CONFIG_FOR = {(0, False): "zero0", (1, False): "zero1", (2, False): "zero2", (3, False): "zero3",
                  (3, True): "zero3_offload"}
 
@@ -72,9 +73,13 @@ class PlanConfig:
     supervised_tokens: int | None = None      # per sequence; None = seq_len - 1 (every position)
     padded: bool = True                       # batches carry a padding mask (stock sdpa keeps a bool mask)
     gradient_checkpointing: bool = False
-    dual_pass: bool = False                   # consistency loss: [x; x] in one forward
+    dual_pass: bool = False                   # consistency loss: two stochastic passes
+    consistency_grad: str = "one_branch"      # one_branch: pass 2 without grad; both: [h; h] with grad
+    dropout_layers: str | tuple[int, ...] = "latter_half"  # dropout.layers: the decoder layers with dropout
     key_dropout: bool = False                 # DropKey: sdpa with an additive (B, H, S, S) logit mask
+    key_pattern: str = "column"               # DropKey keep-mask: element (B, H, S, S); column, span (B, H, 1, S)
     attention_dropout: bool = False           # DropAttention: materialized attention weights
+    attention_pattern: str = "element"        # DropAttention keep-mask, shaped as DropKey's
     hidden_dropout: bool = False              # element keep-mask on every MLP output
     hidden_pattern: str = "element"
     loss_chunk_tokens: int = 1024
@@ -92,6 +97,7 @@ class PlanConfig:
     memory_efficient_linear: bool = True
     param_persistence_threshold: int = 100_000
     ds_config_name: str | None = None
+    rebuild_mask_bytes: int = REBUILD_MASK_BYTES  # hiddenkey_ds.dropout's rule (a parameter so probes can move it)
 
     def __post_init__(self) -> None:
         checks = {
@@ -99,6 +105,10 @@ class PlanConfig:
             "quantization": self.quantization in ("none", "4bit", "8bit"),
             "zero_stage": self.zero_stage in (0, 1, 2, 3),
             "device": self.device in ("gpu", "cpu"),
+            "key_pattern": self.key_pattern in PATTERNS,
+            "attention_pattern": self.attention_pattern in PATTERNS,
+            "hidden_pattern": self.hidden_pattern in PATTERNS,
+            "consistency_grad": self.consistency_grad in ("one_branch", "both"),
             "offload_param": not self.offload_param or self.zero_stage == 3,
         }
         for name, ok in checks.items():
@@ -126,6 +136,33 @@ class PlanConfig:
     @property
     def passes(self) -> int:
         return 2 if self.dual_pass else 1
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.key_dropout or self.attention_dropout or self.hidden_dropout
+
+    def dropout_layer_indices(self) -> list[int]:
+        """The decoder layers hiddenkey_ds.dropout applies dropout to (DropoutConfig.layer_indices' rule)."""
+        if not self.dropout_active:
+            return []
+        from hiddenkey_ds.dropout.config import DropoutConfig
+
+        spec = list(self.dropout_layers) if isinstance(self.dropout_layers, tuple) else self.dropout_layers
+        return DropoutConfig(layers=spec).layer_indices(self.shape.layers)
+
+    def shared_prefix(self) -> int:
+        """Layers the two passes share, run once (HiddenKeyObjective._shared_prefix): those before the first
+        layer with dropout, unless PEFT's lora_dropout makes the passes differ earlier."""
+        selected = self.dropout_layer_indices()
+        if not self.dual_pass or not selected or self.lora_dropout > 0:
+            return 0
+        return min(selected)
+
+    def grad_rows(self, layer: int) -> int:
+        """Sequences a decoder layer runs with autograd recording: the micro-batch, doubled from the shared
+        prefix on when both passes back-propagate ([h; h]); with one_branch the second pass replays without grad."""
+        doubled = self.dual_pass and self.consistency_grad == "both" and layer >= self.shared_prefix()
+        return self.micro_batch * (2 if doubled else 1)
 
 
 @dataclass(frozen=True)
@@ -211,16 +248,26 @@ def dropout_mask_bytes(cfg: PlanConfig) -> int:
     return 1 if cfg.device == "gpu" else cfg.dtype_bytes
 
 
-def dropkey_rebuilds_mask(cfg: PlanConfig) -> bool:
+def dropkey_rebuilds_mask(cfg: PlanConfig, sequences: int | None = None) -> bool:
     """Whether DropKey builds its mask inside a checkpoint (rebuilt in backward) or lets sdpa keep it: the
-    rule of hiddenkey_ds.dropout.attention, on one layer's (sequences, heads, S, S) mask."""
+    rule of hiddenkey_ds.dropout.attention, on one layer's (sequences, heads, S, S) mask; `sequences` defaults to
+    the rows a layer with dropout runs with grad."""
     if not cfg.key_dropout or cfg.attention_dropout:
         return False
-    sequences = cfg.micro_batch * (2 if cfg.dual_pass else 1)
-    return sequences * cfg.shape.heads * cfg.seq_len ** 2 * cfg.dtype_bytes > REBUILD_MASK_BYTES
+    if sequences is None:
+        selected = cfg.dropout_layer_indices()
+        sequences = cfg.grad_rows(selected[0] if selected else 0)
+    return sequences * cfg.shape.heads * cfg.seq_len ** 2 * cfg.dtype_bytes > cfg.rebuild_mask_bytes
 
 
-def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
+def keep_mask_bytes(cfg: PlanConfig, sequences: int, pattern: str) -> int:
+    """One layer's bool attention keep-mask (hiddenkey_ds.dropout.masks.attention_keep): a bit per logit for
+    `element`, per key for `column` and `span`."""
+    per_row = cfg.seq_len ** 2 if pattern == "element" else cfg.seq_len
+    return sequences * cfg.shape.heads * per_row
+
+
+def activation_bytes_per_token_layer(cfg: PlanConfig, rows: int | None = None) -> float:
     """Bytes one token keeps alive for backward in one decoder layer (without the (S x S) masks).
 
     What autograd saves when the base linear weights are frozen (a frozen nn.Linear saves nothing: its
@@ -246,7 +293,7 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
         # output out as (B, S, H, d), so o_proj's input is that same storage. DropKey runs sdpa inside a
         # checkpoint: only its inputs are kept, the output and logsumexp are recomputed in backward
         total += d * (q + (2 * q if expanded else 2 * kv))
-        total += 0 if dropkey_rebuilds_mask(cfg) else d * q + 4 * s.heads
+        total += 0 if dropkey_rebuilds_mask(cfg, rows) else d * q + 4 * s.heads
         # o_proj's input stays counted as sdpa's output storage (below): with DropKey's checkpoint it is kept only
         # by an adapted o_proj; the measured ZeRO-3 DropKey peaks (tests/test_plan.py) match without adding it
     # inputs of the linear layers, by the tensor they read: q/k/v share the normed x, gate/up the normed x
@@ -268,26 +315,44 @@ def activation_bytes_per_token_layer(cfg: PlanConfig) -> float:
 
 
 def attention_mask_bytes_per_layer(cfg: PlanConfig, sequences: int) -> float:
-    """The (S x S) tensors one layer keeps for backward, per (sequence, head): DropKey none (its mask is
-    rebuilt in backward); DropAttention's fp32 softmax output, bool keep-mask, masked fp32
-    weights and the renormalized weights the value matmul keeps; without either, a padding mask."""
+    """The (S x S) tensors one layer keeps for backward.
+
+    DropAttention: its fp32 softmax output, fp32 masked weights and the renormalized weights in the compute dtype
+    that the value matmul keeps, per (sequence, head), plus the bool keep-mask the product with the weights keeps
+    (element: (B, H, S, S); column, span: (B, H, 1, S)). DropKey with a small mask: the additive (B, H, S, S) mask
+    sdpa keeps, whatever the pattern (the keep-mask itself only builds it). DropKey with a mask large enough to
+    be rebuilt in backward: the inputs of that checkpoint, i.e. the keep-mask, (B, H, S, S) for `element`
+    (1 byte per logit: a 16 GiB difference to `column` on LLaMA-2-7B at 4 x 2048 tokens), and without padding
+    the layer's own bool causal mask. Neither: a padding mask."""
     s2 = cfg.seq_len ** 2
-    per = 0.0
     if cfg.attention_dropout:
-        # fp32 softmax output, bool keep-mask, fp32 masked weights, and the renormalized weights in the
-        # compute dtype that the value matmul keeps
-        per = 4 + 1 + 4 + cfg.dtype_bytes
-    elif cfg.key_dropout:
-        if not dropkey_rebuilds_mask(cfg):
-            return sequences * cfg.shape.heads * s2 * cfg.dtype_bytes  # a small mask: sdpa keeps it
-        # a large one is built inside a checkpoint around sdpa and rebuilt in backward: a layer keeps only the
-        # (B, H, 1, S) bool keep-mask and, without padding, its own bool causal mask
-        return sequences * cfg.shape.heads * cfg.seq_len + (0 if cfg.padded else s2)
-    elif cfg.padded:
+        return sequences * cfg.shape.heads * s2 * (4 + 4 + cfg.dtype_bytes) + keep_mask_bytes(
+            cfg, sequences, cfg.attention_pattern)
+    if cfg.key_dropout:
+        if not dropkey_rebuilds_mask(cfg, sequences):
+            return sequences * cfg.shape.heads * s2 * cfg.dtype_bytes
+        return keep_mask_bytes(cfg, sequences, cfg.key_pattern) + (0 if cfg.padded else s2)
+    if cfg.padded:
         # stock sdpa with a padding mask: torch turns the bool (B, 1, S, S) mask into an additive one in the
         # compute dtype in every layer's call, and keeps that copy for backward (one per layer, no head axis)
         return sequences * s2 * cfg.dtype_bytes
-    return sequences * cfg.shape.heads * s2 * per
+    return 0.0
+
+
+def dropkey_build_bytes(cfg: PlanConfig, sequences: int) -> float:
+    """What building one layer's DropKey mask holds beyond the saved tensors (forward, and again in backward when
+    it is rebuilt): the additive (B, H, S, S) mask unless sdpa keeps it anyway, and the all-dropped-row count's
+    operand, an fp32 copy of the visibility for column/span keep-masks. `element` adds the (B, H, S, S) fill it
+    is built from (compute dtype), the bool `visible & keep` of the count and, when the mask is kept rather than
+    rebuilt, its own keep-mask (otherwise already saved as the checkpoint's input)."""
+    if not cfg.key_dropout or cfg.attention_dropout:
+        return 0.0
+    d, s2 = cfg.dtype_bytes, cfg.seq_len ** 2
+    rebuilt = dropkey_rebuilds_mask(cfg, sequences)
+    logits = sequences * cfg.shape.heads * s2
+    if cfg.key_pattern == "element":
+        return logits * (d + 1 + (d if rebuilt else 1))
+    return (logits * d if rebuilt else 0.0) + (sequences if cfg.padded else 1) * s2 * 4
 
 
 def backward_working_bytes_per_token(cfg: PlanConfig) -> float:
@@ -296,6 +361,20 @@ def backward_working_bytes_per_token(cfg: PlanConfig) -> float:
     residual/RMSNorm gradients."""
     s, d = cfg.shape, cfg.dtype_bytes
     return 2 * s.intermediate * d + 2 * s.hidden * 4
+
+
+def replay_bytes(cfg: PlanConfig) -> float:
+    """one_branch: the second pass replays the layers from the first dropout layer without grad, after pass 1's
+    forward: one layer's forward working set at a time (the MLP's gate, up and their product, fp32 RMSNorm
+    temporaries) plus, in a DropKey layer, building its mask."""
+    s, d = cfg.shape, cfg.dtype_bytes
+    tokens = cfg.micro_batch * cfg.seq_len
+    working = tokens * (3 * s.intermediate * d + 2 * s.hidden * 4)
+    mask = 0.0
+    if cfg.key_dropout and not cfg.attention_dropout:
+        logits = cfg.micro_batch * s.heads * cfg.seq_len ** 2
+        mask = logits * (d + 1 + (1 if cfg.key_pattern == "element" else 0) * (d + 1))
+    return working + mask
 
 
 def loss_head_bytes(cfg: PlanConfig, supervised_per_pass: int) -> float:
@@ -373,49 +452,63 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
         (base_full - (norms if stage == 3 else 0.0)) / n if cfg.offload_param else 0.0)
 
     # -- activations ---------------------------------------------------------------------------------
-    seqs = cfg.micro_batch * cfg.passes
-    tokens = seqs * cfg.seq_len
+    # Layer by layer: a layer with dropout (dropout.layers) keeps its masks, one without runs stock attention;
+    # a dual pass runs the layers before the first dropout layer once, then either replays the rest without grad
+    # (one_branch: nothing kept) or runs them on [h; h] (both: twice the rows kept).
+    selected = set(cfg.dropout_layer_indices())
+    plain = replace(cfg, key_dropout=False, attention_dropout=False, hidden_dropout=False)
+    views = [(cfg if i in selected else plain, cfg.grad_rows(i)) for i in range(s.layers)]
     sup_per_seq = cfg.supervised_tokens if cfg.supervised_tokens is not None else cfg.seq_len - 1
     sup_per_pass = cfg.micro_batch * sup_per_seq
 
-    per_tok_layer = activation_bytes_per_token_layer(cfg)
-    layer_masks = attention_mask_bytes_per_layer(cfg, seqs)
-    per_layer = per_tok_layer * tokens + layer_masks
-    # after the last layer: the supervised hidden states of each pass (inputs of the checkpointed head
-    # chunks); the final RMSNorm's fp32 input is the one the first layer's input norm does not save
+    def layer_bytes(view: PlanConfig, rows: int) -> float:
+        return activation_bytes_per_token_layer(view, rows) * rows * cfg.seq_len + attention_mask_bytes_per_layer(
+            view, rows)
+
+    per_layers = [layer_bytes(v, r) for v, r in views]
+    per_layer = max(per_layers)
+    dropout_rows = cfg.grad_rows(min(selected)) if selected else cfg.micro_batch
+    layer_masks = attention_mask_bytes_per_layer(cfg, dropout_rows) if selected else 0.0
+    # after the last layer: the supervised hidden states of each pass (inputs of the checkpointed head chunks,
+    # which keep pass 2's too); each layer counts both RMSNorms' fp32 inputs, but the first layer's input norm
+    # keeps none (its input, the frozen embedding, needs no gradient) and the final norm keeps one of its rows
     head_inputs = cfg.passes * sup_per_pass * s.hidden * d
-    decoder_saved = s.layers * per_layer
+    first_view, first_rows = views[0]
+    last_rows = views[-1][1]
+    decoder_saved = sum(per_layers) + (4 * s.hidden + 4) * cfg.seq_len * (last_rows - first_rows)
+    first_tokens = first_rows * cfg.seq_len
     qkv_adapted = set(cfg.lora_targets) & {"q_proj", "k_proj", "v_proj"}
     if not qkv_adapted:
         # nothing in the first layer's attention needs a gradient before o_proj: no q/k/v, masks or logsumexp
         # kept there (its output only as o_proj's adapter input)
+        fv = first_view
         qd = s.q_dim
-        kvd = qd if (cfg.key_dropout or cfg.attention_dropout or cfg.padded) else s.kv_dim
-        attn = d * 3 * qd if cfg.attention_dropout else d * (2 * qd + 2 * kvd) + 4 * s.heads
-        if "o_proj" in cfg.lora_targets and not cfg.attention_dropout:
+        kvd = qd if (fv.key_dropout or fv.attention_dropout or fv.padded) else s.kv_dim
+        attn = d * 3 * qd if fv.attention_dropout else d * (2 * qd + 2 * kvd) + 4 * s.heads
+        if "o_proj" in cfg.lora_targets and not fv.attention_dropout:
             attn -= d * qd
         attn += s.hidden * d if zero3_saves_linear_inputs(cfg) else 0
-        decoder_saved -= attn * tokens + attention_mask_bytes_per_layer(cfg, seqs)
+        decoder_saved -= attn * first_tokens + attention_mask_bytes_per_layer(fv, first_rows)
     if cfg.lora_dropout > 0 and qkv_adapted:
         # the first layer's q/k/v input (the frozen embedding, normed) needs no gradient: there the dropout
         # keeps no mask and ZeRO-3's linear no base-layer input (without lora_dropout that input is the
         # adapters' own, counted once either way)
         first = len(qkv_adapted) * dropout_mask_bytes(cfg) + (d if zero3_saves_linear_inputs(cfg) else 0)
-        decoder_saved -= s.hidden * first * tokens
+        decoder_saved -= s.hidden * first * first_tokens
     full_saved = decoder_saved + head_inputs
     # with checkpointing: one layer input per layer (the first included: checkpointing makes the embedding
     # output require grad) and the final RMSNorm's input
-    ckpt_saved = s.layers * s.hidden * d * tokens + (4 * s.hidden + 4) * tokens + head_inputs
+    ckpt_saved = (sum(r for _, r in views) * cfg.seq_len * s.hidden * d + (4 * s.hidden + 4) * last_rows * cfg.seq_len
+                  + head_inputs)
     saved = ckpt_saved if cfg.gradient_checkpointing else full_saved
-    # while a layer builds its DropKey mask (forward, and again in backward): the (B, H, S, S) additive mask in
-    # the compute dtype next to the fp32 copy of the visibility used for the all-dropped-row count
-    mask_build = (((seqs * s.heads * cfg.seq_len ** 2 * d if dropkey_rebuilds_mask(cfg) else 0.0)
-                   + (seqs if cfg.padded else 1) * cfg.seq_len ** 2 * 4)
-                  if cfg.key_dropout and not cfg.attention_dropout else 0.0)
+    mask_build = dropkey_build_bytes(cfg, dropout_rows) if selected else 0.0  # while a layer builds its mask
     recompute = per_layer if cfg.gradient_checkpointing else 0.0
     head = loss_head_bytes(cfg, sup_per_pass)
-    bwd = backward_working_bytes_per_token(cfg) * tokens
-    transient = max(head, recompute + bwd, mask_build)
+    max_tokens = max(r for _, r in views) * cfg.seq_len
+    bwd = backward_working_bytes_per_token(cfg) * max_tokens
+    replay = replay_bytes(cfg) if cfg.dual_pass and cfg.consistency_grad == "one_branch" else 0.0
+    transient = max(head, recompute + bwd, mask_build, replay)
+    tokens = max_tokens  # for the notes below
     dynamic = saved + transient
 
     # -- framework -----------------------------------------------------------------------------------
@@ -442,8 +535,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
     frag = FRAGMENTATION * dynamic if cfg.device == "gpu" else 0.0
 
     chunk = min(cfg.loss_chunk_tokens, sup_per_pass)
-    act_note = (f"{_gib(per_layer)}/layer x {s.layers} layers = {_gib(full_saved)}; with gradient checkpointing "
-                f"{_gib(ckpt_saved)} (+{_gib(per_layer)} recomputed layer)")
+    act_note = (f"{s.layers} layers (up to {_gib(per_layer)} each) = {_gib(full_saved)}; with gradient "
+                f"checkpointing {_gib(ckpt_saved)} (+{_gib(per_layer)} recomputed layer)")
     rows = [
         Row(f"base weights ({weight_kind})", base, base_note),
         Row(f"LoRA parameters ({cfg.dtype})", lora_bytes, f"{n_lora / 1e6:.2f}M trainable, r={cfg.lora_r} on "
@@ -455,7 +548,8 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
         Row("activations" + (" (checkpointed)" if cfg.gradient_checkpointing else ""), saved, act_note),
         Row("transient peak", transient,
             f"max(loss head {_gib(head)} [chunk {chunk} tok x vocab {s.vocab}], backward "
-            f"{_gib(bwd + recompute)}" + (f", DropKey mask build {_gib(mask_build)}" if mask_build else "") + ")"),
+            f"{_gib(bwd + recompute)}" + (f", DropKey mask build {_gib(mask_build)}" if mask_build else "")
+            + (f", second pass replayed without grad {_gib(replay)}" if replay else "") + ")"),
     ]
     if stage == 3:
         rows.append(Row("ZeRO-3 gathered parameters", gathered,
@@ -466,21 +560,25 @@ def estimate(cfg: PlanConfig, suggest: bool = True) -> MemoryPlan:
                     (f", 4-bit dequant buffer {_gib(dequant)}" if dequant else "") +
                     (f", CUDA context+NCCL {_gib(context)}, fragmentation {FRAGMENTATION:.0%} of dynamic "
                      f"{_gib(frag)}" if cfg.device == "gpu" else "")))
-    if cfg.key_dropout or cfg.attention_dropout:
-        masks_total = layer_masks * (1 if cfg.gradient_checkpointing else s.layers)
+    if (cfg.key_dropout or cfg.attention_dropout) and selected:
+        masks_total = layer_masks * (1 if cfg.gradient_checkpointing else len(selected))
+        pattern = cfg.attention_pattern if cfg.attention_dropout else cfg.key_pattern
         rows.append(Row("  of which DropKey/DropAttention (S x S) masks", masks_total,
-                        f"{_gib(layer_masks)}/layer: (2x{cfg.micro_batch} x {s.heads} heads x {cfg.seq_len}^2)"
-                        if cfg.dual_pass else f"{_gib(layer_masks)}/layer", counted=False))
+                        f"{_gib(layer_masks)}/layer x {len(selected)} dropout layers: {dropout_rows} x {s.heads} "
+                        f"heads x {cfg.seq_len}^2, {pattern}", counted=False))
     plan = MemoryPlan(cfg, rows, cpu_bytes, per_layer_activation_bytes=per_layer,
                       checkpointed_activation_bytes=ckpt_saved, full_activation_bytes=full_saved,
                       extras={"decoder_saved": saved - head_inputs, "head_inputs": head_inputs, "head": head,
-                              "backward": bwd, "recompute": recompute, "mask_build": mask_build, "buffers": buffers,
+                              "backward": bwd, "recompute": recompute, "mask_build": mask_build, "replay": replay,
+                              "buffers": buffers,
                               "context": context, "fragmentation": frag})
     if cfg.dual_pass:
         single = estimate(replace(cfg, dual_pass=False), suggest=False)
-        plan.rows.append(Row("  of which HiddenKey dual pass [x; x]", plan.total_bytes - single.total_bytes,
-                             f"x2 sequences per forward: {plan.total_bytes / single.total_bytes:.2f}x the "
-                             "single-pass total", counted=False))
+        how = ("the second pass replays without grad" if cfg.consistency_grad == "one_branch"
+               else f"[h; h] with grad from layer {cfg.shared_prefix()}")
+        plan.rows.append(Row("  of which HiddenKey dual pass", plan.total_bytes - single.total_bytes,
+                             f"{how}: {plan.total_bytes / single.total_bytes:.2f}x the single-pass total",
+                             counted=False))
     if suggest and not plan.fits:
         plan.suggestion = suggest_fix(cfg)
     return plan
@@ -617,8 +715,12 @@ def config_from_recipe(recipe, ds: dict, nodes: int, gpus_per_node: int, gpu_mem
         supervised_tokens=supervised_tokens,
         gradient_checkpointing=recipe.model.gradient_checkpointing,
         dual_pass=dropout.dual_pass,
+        consistency_grad=dropout.consistency_grad,
+        dropout_layers=tuple(dropout.layers) if isinstance(dropout.layers, list) else dropout.layers,
         key_dropout=dropout.key.rate > 0,
+        key_pattern=dropout.key.pattern,
         attention_dropout=dropout.attention.rate > 0,
+        attention_pattern=dropout.attention.pattern,
         hidden_dropout=dropout.hidden.rate > 0,
         hidden_pattern=dropout.hidden.pattern,
         loss_chunk_tokens=recipe.train.loss_chunk_tokens,
@@ -660,7 +762,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s) = {cfg.world_size} ranks, {cfg.gpu_mem_gib:g} GiB each | "
         f"ZeRO-{cfg.zero_stage}" + (f" ({cfg.ds_config_name})" if cfg.ds_config_name else "") +
         f" | micro-batch {cfg.micro_batch} x {cfg.seq_len} tokens"
-        + (" x 2 passes (HiddenKey [x; x])" if cfg.dual_pass else "")
+        + ((" x 2 passes (the second without grad)" if cfg.consistency_grad == "one_branch"
+            else " x 2 passes ([h; h])") if cfg.dual_pass else "")
         + (" | gradient checkpointing" if cfg.gradient_checkpointing else ""),
         "",
         f"{'per GPU':<46} {'GiB':>8}  notes",

@@ -285,3 +285,94 @@ def test_every_key_is_documented_and_in_the_readme():
     assert reference_markdown() in readme[start:end], (
         "README key reference is stale: regenerate it with `python -m hiddenkey_ds.config --reference`"
     )
+
+
+# -- combinations refused when the recipe loads ------------------------------------------------------------------
+
+def _at_end(tmp_path, *overrides):
+    return load_recipe(TINY, ["eval.at_end=true", *overrides], check_output_dir=False)
+
+
+def test_eval_at_end_refuses_what_the_evaluation_cannot_run(tmp_path):
+    """eval.at_end runs `hiddenkey-ds eval RUN_DIR` in one process: refused up front where it has no task to
+    score or would load a base the recipe itself cannot hold on one device."""
+    sft = ["data.format=sft", "data.task=null", f"data.path={tmp_path}"]
+    assert "free-form (sft)" in _problems(TINY, ["eval.at_end=true", *sft], check_output_dir=False)[0]
+    assert _at_end(tmp_path, *sft, "eval.tasks=[hk_rte]").eval.tasks == ["hk_rte"]  # named tasks: fine
+
+    single = tmp_path / "train.jsonl"
+    single.write_text('{"sentence": "good", "label": 1}\n')
+    problems = _problems(TINY, ["eval.at_end=true", f"data.path={single}", "data.eval_split=null"],
+                         check_output_dir=False)
+    assert problems[0].startswith(f"eval.at_end: data.path='{single}' is a single file") and "hk_sst2_local" in problems[0]
+    assert _at_end(tmp_path, f"data.path={single}", "data.eval_split=null", "eval.tasks=[hk_sst2]")
+    assert _at_end(tmp_path, f"data.path={tmp_path}")  # a directory: the local task reads it
+    assert "a hub dataset other than the task's" in _problems(
+        TINY, ["eval.at_end=true", "data.path=someone/sst2-copy"], check_output_dir=False)[0]
+
+    qlora_zero3 = ["model.quantization=4bit", "run.deepspeed=zero3"]
+    assert "loads the base whole" in _problems(TINY, ["eval.at_end=true", *qlora_zero3], check_output_dir=False)[0]
+    assert _at_end(tmp_path, "model.quantization=4bit", "run.deepspeed=zero2")  # the base is whole on a rank anyway
+    assert load_recipe(TINY, ["eval.at_end=false", *qlora_zero3], check_output_dir=False)
+
+
+def test_lora_on_the_lm_head_is_refused_where_the_chunked_head_uses_it_twice():
+    head = "lora.target_modules=[q_proj,lm_head]"
+    fits = ["train.micro_batch_size=8", "data.max_length=64", "train.loss_chunk_tokens=512"]  # one chunk
+    dual = _problems(TINY, [head, *fits, "dropout.consistency_grad=both"], check_output_dir=False)
+    assert len(dual) == 1 and "consistency_grad=both runs the head twice" in dual[0]
+    assert "used more than once per forward" in dual[0] and "consistency_grad=one_branch" in dual[0]
+    # one_branch (the default): the second pass's head runs without grad, so one chunk uses the weight once
+    assert load_recipe(TINY, [head, *fits, "dropout.consistency_grad=one_branch"], check_output_dir=False)
+    lora = REPO / "recipes" / "tiny-lora.yaml"  # one pass
+    single = ["train.micro_batch_size=8", "data.max_length=64"]
+    chunks = _problems(lora, [head, *single, "train.loss_chunk_tokens=256"], check_output_dir=False)
+    assert len(chunks) == 1 and "the dual pass" not in chunks[0]
+    assert "more than one chunk of train.loss_chunk_tokens=256" in chunks[0] and "raise train.loss_chunk_tokens" in chunks[0]
+    # one pass and never more than one chunk: the head's weight is used once, which DeepSpeed handles
+    assert load_recipe(lora, [head, *single, "train.loss_chunk_tokens=512"], check_output_dir=False)
+
+
+def test_output_dir_must_be_a_directory_it_can_create(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, what in ((afile, "is a file"), (afile / "run", f"lies under the file {afile}")):
+        problems = _problems(TINY, [f"run.output_dir={out}"], check_output_dir=False)
+        assert problems == [f"run.output_dir: {out} {what}, not a directory (hint: choose another run.output_dir; "
+                            "nothing was written)"]
+
+
+def test_local_data_paths_are_checked_before_anything_loads(tmp_path):
+    problems = _problems(TINY, [f"run.output_dir={tmp_path}/o", f"data.path={tmp_path}/missing",
+                                f"data.eval_path={tmp_path}/dev.txt"])
+    assert problems[0].startswith(f"data.path: '{tmp_path}/missing' does not exist")
+    assert problems[1].startswith(f"data.eval_path: '{tmp_path}/dev.txt' is not a")
+    # tools that only read the recipe (plan, launch.sh) may not see the run's data
+    assert load_recipe(TINY, [f"data.path={tmp_path}/missing"], check_output_dir=False)
+
+
+# -- what a resume may change -------------------------------------------------------------------------------------
+
+def test_resume_changes_are_judged_generically():
+    from hiddenkey_ds.checkpoint import recipe_changes
+
+    old = load_recipe(TINY, check_output_dir=False).model_dump(mode="json")
+    new = json.loads(json.dumps(old))
+    new["run"].update(resume=True, output_dir="/elsewhere/same-run")  # not settings of the run
+    new["train"].update(log_every=1, save_every=7, keep_checkpoints=5)
+    new["eval"].update(at_end=True, tasks=["hk_sst2"], limit=10, batch_size=2, some_future_eval_key=1)
+    new["run"]["label"] = "my name"  # a display field another section may add
+    assert recipe_changes(old, new)[0] == []
+    assert [k for k, _, _ in recipe_changes(old, new)[1]] == [
+        "eval.at_end", "eval.batch_size", "eval.limit", "eval.some_future_eval_key", "eval.tasks", "run.label",
+        "train.keep_checkpoints", "train.log_every", "train.save_every"]
+    # anything else changes the result, including keys this module has never heard of
+    new["dropout"]["layers"] = [0]
+    new["dropout"]["some_future_knob"] = 0.5
+    new["data"]["split_seed"] = old["data"]["split_seed"] + 3
+    new["train"]["eval_every"] = 5  # which steps are validated (and which adapter is the best)
+    new["train"]["lr"] = 1.0
+    unsafe = recipe_changes(old, new)[0]
+    assert [(k, a, b) for k, a, b in unsafe] == [
+        ("data.split_seed", old["data"]["split_seed"], old["data"]["split_seed"] + 3), ("dropout.layers", old["dropout"]["layers"], [0]),
+        ("dropout.some_future_knob", "<absent>", 0.5), ("train.eval_every", 15, 5), ("train.lr", 0.001, 1.0)]

@@ -226,6 +226,39 @@ def test_sampler_is_seeded_and_disjoint_across_ranks():
     assert [s.num_real for s in samplers] == [26, 26, 26, 25] and all(len(list(s)) == 26 for s in samplers)
 
 
+def test_micro_batch_stream_position_restores_the_remaining_batches_exactly():
+    """The data position a checkpoint stores, taken after any number of micro-batches (epoch boundaries inside an
+    optimizer step included), gives exactly the batches the uninterrupted stream hands out next."""
+    from hiddenkey_ds.data.batching import MicroBatchStream
+
+    data = list(range(58))  # 29 per rank of 2: 7 micro-batches of 4 per epoch, one example left over
+    collate = lambda rows: list(rows)  # noqa: E731
+
+    def stream(rank=1):
+        return MicroBatchStream(data, make_sampler(data, 2, rank, seed=3, shuffle=True), collate, 4)
+
+    full = stream()
+    uninterrupted = [next(full) for _ in range(40)]  # 5 epochs and more
+    assert full.batches_per_epoch == 7 and all(len(b) == 4 for b in uninterrupted)
+    epochs = [uninterrupted[i:i + 7] for i in range(0, 35, 7)]
+    assert all(len(set(sum(e, []))) == 28 for e in epochs) and epochs[0] != epochs[1]  # reshuffled, no repeats
+    for taken in range(40):
+        first = stream()
+        for _ in range(taken):
+            next(first)
+        resumed = stream()
+        resumed.load_state_dict(first.state_dict())
+        assert [next(resumed) for _ in range(40 - taken)] == uninterrupted[taken:], taken
+    # grad_accum 3: the position after each optimizer step is where the next step starts
+    grouped, positions = stream(), []
+    for _ in range(10):
+        [next(grouped) for _ in range(3)]
+        positions.append(tuple(grouped.state_dict().values()))
+    assert positions[:4] == [(0, 3), (0, 6), (1, 2), (1, 5)]  # step 3 took batch 7 of epoch 0 and two of epoch 1
+    with pytest.raises(ValueError, match="outside an epoch of 7"):
+        stream().load_state_dict({"epoch": 0, "index": 8})
+
+
 # -- the real GLUE copy beside the project -----------------------------------------------------------
 
 @pytest.mark.skipif(not (GLUE / "RTE" / "train.jsonl").is_file(),

@@ -10,6 +10,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
+FAKES = REPO / "tests" / "fakes"
+# ZeRO-3 that partitions every tensor of the tiny model (ds_configs/zero3.json keeps tensors below 100,000
+# elements whole, i.e. all of them), re-gathers at every use and reduces in small buckets
+ZERO3_PARTITIONED = REPO / "tests" / "ds_configs" / "zero3_partitioned.json"
 
 
 def free_port() -> int:
@@ -19,14 +23,17 @@ def free_port() -> int:
 
 
 def train(recipe: str, out_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
-          timeout: float = 600) -> subprocess.CompletedProcess:
+          timeout: float = 600, module: str = "hiddenkey_ds.train", env: dict | None = None) -> subprocess.CompletedProcess:
+    """`module` (hiddenkey_ds.train, or tests/fakes' hkds_crash_train) on `recipe` with `nproc` torchrun ranks."""
     args = [str(RECIPES / recipe), f"run.output_dir={out_dir}", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "hiddenkey_ds.train", *args]
+        cmd = [sys.executable, "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "hiddenkey_ds.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+               f"--master_port={free_port()}", "-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if module != "hiddenkey_ds.train":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKES), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -40,3 +47,8 @@ def metrics(out_dir: Path, split: str = "train") -> list[dict]:
 
 def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out_dir)}
+
+
+def tree(directory: Path) -> list[tuple[str, int, int]]:
+    """Every path under `directory` with its size and mtime: equal before and after means nothing was touched."""
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).rglob("*"))

@@ -1,6 +1,7 @@
 """load_recipe: YAML + overrides -> a validated Recipe, or one RecipeError listing every problem."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def format_validation_errors(error: ValidationError) -> list[str]:
 
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    from hiddenkey_ds.resources import shipped_recipe
+
+    path = shipped_recipe(path) or Path(path)  # `recipes/x.yaml` outside a checkout: the installed copy
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist (hint: recipes live in recipes/*.yaml)")
     try:
@@ -149,16 +152,129 @@ def _zero3_problems(run: Any, model: Any) -> list[str]:
     return problems
 
 
-def _output_dir_problems(run: Any) -> list[str]:
+def _output_dir_problems(run: Any, check_finished: bool) -> list[str]:
+    """A file where the run directory should be is always wrong; writability and a finished run only matter to
+    the run itself (``check_finished``), not to tools that merely read the recipe (plan, launch.sh)."""
     if run is None:
         return []
-    marker = Path(run.output_dir) / FINISHED_MARKER
-    if marker.exists() and not run.resume:
+    out = Path(run.output_dir).expanduser()
+    # the nearest existing ancestor decides whether the directory can be created at all
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is a file" if existing == out else f"lies under the file {existing}"
+        return [f"run.output_dir: {run.output_dir} {what}, not a directory (hint: choose another run.output_dir; "
+                "nothing was written)"]
+    if check_finished and existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"run.output_dir: {existing} is not writable, so {run.output_dir} cannot be created or written "
+                "(hint: choose a run.output_dir you can write)"]
+    marker = out / FINISHED_MARKER
+    if check_finished and marker.exists() and not run.resume:
         return [
             f"run.output_dir: {run.output_dir} holds a finished run ({FINISHED_MARKER}); results are never "
             "overwritten (hint: choose another run.output_dir, or pass run.resume=true to reuse it)"
         ]
     return []
+
+
+def _data_path_problems(data: Any) -> list[str]:
+    """Local data paths that do not exist, before anything loads (hiddenkey_ds.data.loading reads them later)."""
+    if data is None:
+        return []
+    from hiddenkey_ds.data.loading import BUILDERS, looks_local
+
+    problems = []
+    if data.path is not None and not data.path.startswith("builtin:") and looks_local(data.path) \
+            and not Path(data.path).expanduser().exists():
+        problems.append(
+            f"data.path: {data.path!r} does not exist (relative paths are relative to the working directory "
+            f"{Path.cwd()}) (hint: check the path; GLUE copies look like ../shared/data/glue/RTE)")
+    if data.eval_path is not None:
+        eval_file = Path(data.eval_path).expanduser()
+        if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
+            problems.append(f"data.eval_path: {data.eval_path!r} is not a {'/'.join(BUILDERS)} file "
+                            "(hint: give an existing file of one of these formats)")
+    return problems
+
+
+def _lm_head_problems(lora: Any, dropout: Any, train: Any, data: Any) -> list[str]:
+    """LoRA on the LM head, where the chunked loss head (hiddenkey_ds.objective) applies it with gradient more than
+    once per forward: twice per chunk in a dual pass that back-propagates through both (consistency_grad=both;
+    one_branch runs the second pass's head without grad), once per chunk when a micro-batch can hold more
+    supervised tokens than one chunk (ZeRO-3 then also pads every rank to the same number of chunks). Each use adds
+    a gradient in its own (reentrant, checkpointed) backward, which DeepSpeed's ZeRO gradient hooks reduce per use
+    (ZeRO-1/2: "gradient computed twice for this partition")."""
+    if lora is None or not isinstance(lora.target_modules, list) or "lm_head" not in lora.target_modules:
+        return []
+    reasons = []
+    both = dropout is not None and dropout.dual_pass and getattr(dropout, "consistency_grad", "both") == "both"
+    if both:
+        reasons.append("the dual pass with consistency_grad=both runs the head twice per chunk with gradients")
+    if train is not None and data is not None and train.micro_batch_size * data.max_length > train.loss_chunk_tokens:
+        reasons.append(f"a micro-batch of {train.micro_batch_size} x {data.max_length} tokens can need more than one "
+                       f"chunk of train.loss_chunk_tokens={train.loss_chunk_tokens}")
+    if not reasons:
+        return []
+    return [f"lora.target_modules: LoRA on lm_head is used more than once per forward by the chunked loss head "
+            f"({'; '.join(reasons)}), which DeepSpeed's gradient reduction does not support (hint: remove lm_head "
+            "from lora.target_modules" + (", or use dropout.consistency_grad=one_branch" if both else "")
+            + ("" if len(reasons) == 1 and both else
+               ", or raise train.loss_chunk_tokens to micro_batch_size x data.max_length") + ")"]
+
+
+def _eval_at_end_problems(run: Any, model: Any, data: Any, ev: Any) -> list[str]:
+    """eval.at_end runs `hiddenkey-ds eval RUN_DIR` (hiddenkey_ds.evaluate) after training, in one process on
+    one device: refuse what it cannot do, before hours of training."""
+    if ev is None or not ev.at_end:
+        return []
+    problems = []
+    if data is not None and not ev.tasks:
+        derived = _eval_task_problem(data)
+        if derived:
+            problems.append(derived)
+    if run is not None and model is not None and model.quantization == "4bit":  # 8bit + ZeRO-3: refused anyway
+        from hiddenkey_ds.ds_config import load_ds_json, zero_stage
+
+        try:
+            stage = zero_stage(load_ds_json(run.deepspeed))
+        except RecipeError:
+            stage = None  # reported by _zero3_problems
+        if stage == 3:
+            problems.append(
+                f"eval.at_end: this {model.quantization} recipe partitions its quantized base over the ranks with "
+                f"ZeRO-3 ({run.deepspeed}), but the evaluation after training loads the base whole, in one process "
+                "on one device, and in full precision first (results.json, the stock lm-eval setting: about 4x the "
+                "4-bit size) (hint: set eval.at_end=false and evaluate afterwards with `hiddenkey-ds eval RUN_DIR` "
+                "on a device that holds the full-precision base)"
+            )
+    return problems
+
+
+def _eval_task_problem(data: Any) -> str | None:
+    """Why no lm-eval task can be derived from the training data (evaluate.tasks_for_recipe's rule), or None."""
+    if data.format != "classification" or not data.task:
+        return ("eval.at_end: the run trains on free-form (sft) data, which has no multiple-choice task to score "
+                "(hint: name lm-eval tasks in eval.tasks, e.g. eval.tasks=[hk_rte], or set eval.at_end=false)")
+    from hiddenkey_ds.data.templates import get_template
+
+    template = get_template(data.task)
+    path = data.path
+    if path is None or path == template.hub_path or path.startswith("builtin:"):
+        return None
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return None
+    if local.is_file():
+        return (f"eval.at_end: data.path={path!r} is a single file, and the local lm-eval task "
+                f"(hk_{template.name}_local) reads a directory with train/dev files (hint: set "
+                f"eval.tasks=[hk_{template.name}] to score the hub copy, point data.path at a directory holding "
+                f"train.* and dev.*, or set eval.at_end=false and run `hiddenkey-ds eval RUN_DIR --tasks "
+                f"hk_{template.name}_local --data-dir DIR`)")
+    from hiddenkey_ds.data.loading import looks_local
+
+    if looks_local(path):
+        return None  # a missing local path: the data check reports it
+    return (f"eval.at_end: data.path={path!r} is a hub dataset other than the task's ({template.hub_path}), so no "
+            f"lm-eval task scores it (hint: name the tasks in eval.tasks, or set eval.at_end=false)")
 
 
 def _ds_problems(recipe: Recipe, world_size: int | None) -> list[str]:
@@ -178,8 +294,9 @@ def load_recipe(
 ) -> Recipe:
     """Read, override and validate a recipe. Raises one ``RecipeError`` listing every problem found.
 
-    ``world_size`` (ranks of the run) enables the batch arithmetic check; ``check_output_dir`` refuses an
-    output directory that holds a finished run unless ``run.resume=true``.
+    ``world_size`` (ranks of the run) enables the batch arithmetic check; ``check_output_dir`` checks the
+    machine the run starts on: it refuses an output directory that holds a finished run unless
+    ``run.resume=true`` or cannot be written, and local data paths that do not exist.
     """
     raw = _read_yaml(path)
     problems = apply_overrides(raw, list(overrides))
@@ -191,8 +308,11 @@ def load_recipe(
     sections = _valid_sections(raw)
     problems += _batch_problems(sections["train"], world_size)
     problems += _zero3_problems(sections["run"], sections["model"])
-    if check_output_dir:
-        problems += _output_dir_problems(sections["run"])
+    problems += _output_dir_problems(sections["run"], check_finished=check_output_dir)
+    if check_output_dir:  # the machine the run starts on: its data must be there (plan and launch.sh may not see it)
+        problems += _data_path_problems(sections["data"])
+    problems += _lm_head_problems(sections["lora"], sections["dropout"], sections["train"], sections["data"])
+    problems += _eval_at_end_problems(sections["run"], sections["model"], sections["data"], sections["eval"])
     if recipe is not None and not any(p.startswith("train.global_batch_size") or p.startswith("run.deepspeed") for p in problems):
         problems += _ds_problems(recipe, world_size)
     if problems:

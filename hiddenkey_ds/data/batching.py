@@ -1,4 +1,5 @@
-"""Batches for the loop: a right-padding collator and a seeded distributed sampler."""
+"""Batches for the loop: a right-padding collator, a seeded distributed sampler, and the training stream whose
+position a checkpoint stores."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -66,3 +67,53 @@ def make_sampler(dataset: Any, world_size: int, rank: int, seed: int, shuffle: b
     if drop_last and len(dataset) < world_size:
         raise ValueError(f"{len(dataset)} examples cannot be split across {world_size} ranks")
     return ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
+class MicroBatchStream:
+    """This rank's training micro-batches, epoch after epoch, with an exact position to checkpoint.
+
+    The position is ``(epoch, index)``: ``index`` micro-batches of ``epoch`` have been handed out. It advances
+    when a batch is handed out, not by arithmetic at the optimizer step, so a step whose micro-batches span an
+    epoch boundary (``train.grad_accum`` not dividing the epoch) is restored exactly: ``load_state_dict`` of a
+    saved position gives the same remaining batches as the uninterrupted run. Each epoch's order is
+    ``sampler.set_epoch(epoch)``'s, a function of (seed, epoch) only; the partial last micro-batch of an epoch
+    is dropped (every rank runs the same number of forwards).
+
+    torchdata's StatefulDataLoader would replace only the ``index`` bookkeeping: the epoch loop, ``set_epoch``
+    and the grouping into optimizer steps stay here either way, so it is not worth a dependency.
+    """
+
+    def __init__(self, dataset: Any, sampler: DistributedSampler, collate: Callable[[list[dict]], dict],
+                 micro_batch_size: int):
+        self.dataset, self.sampler, self.collate, self.micro_batch_size = dataset, sampler, collate, micro_batch_size
+        self.epoch, self.index = 0, 0
+        self._order: list[int] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler) // self.micro_batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if not 0 <= index <= self.batches_per_epoch:
+            raise ValueError(f"data position {index} is outside an epoch of {self.batches_per_epoch} micro-batches")
+        self.epoch, self.index, self._order = epoch, index, None
+
+    def __iter__(self) -> "MicroBatchStream":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.batches_per_epoch == 0:
+            raise ValueError("the training split holds fewer examples per rank than one micro-batch")
+        if self.index >= self.batches_per_epoch:  # epoch done: the next one reshuffles with its own seed
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self.sampler.set_epoch(self.epoch)
+            self._order = list(self.sampler)
+        start = self.index * self.micro_batch_size
+        rows = self._order[start:start + self.micro_batch_size]
+        self.index += 1
+        return self.collate([self.dataset[j] for j in rows])

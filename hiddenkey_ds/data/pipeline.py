@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.data.checks import missing_value_problems
 from hiddenkey_ds.data.encoding import OK, TOO_LONG, TRUNCATED, encode_pair, split_ids
 from hiddenkey_ds.data.loading import load_splits
 from hiddenkey_ds.data.report import DataReport, SplitReport
@@ -40,6 +41,7 @@ def _check_columns(data: Any, splits: dict[str, Any]) -> None:
             problems.append(
                 f"data.path: the {role} split lacks column(s) {missing}; it has {ds.column_names} (hint: {hint})"
             )
+    problems += missing_value_problems(data, splits)
     if problems:
         raise RecipeError(problems)
 

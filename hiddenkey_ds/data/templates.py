@@ -47,6 +47,8 @@ class TaskTemplate:
         if self.label_field not in example:
             raise KeyError(f"task {self.name!r}: example lacks the label column {self.label_field!r}")
         raw = example[self.label_field]
+        if raw is None:  # a row without its label: JSON/CSV readers fill the column with None
+            raise ValueError(f"task {self.name!r}: the example has no label (column {self.label_field!r} is empty)")
         label = int(raw) if isinstance(raw, bool) or float(raw).is_integer() else None
         if label is None or not 0 <= label < len(self.choices):
             # GLUE test splits carry label -1 (hidden labels): they cannot be trained or scored on

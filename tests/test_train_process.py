@@ -1,0 +1,38 @@
+"""The training entry point around the loop: the evaluation after training runs as its own single-process
+command, and user errors end in one message."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hiddenkey_ds.train import DISTRIBUTED_ENV, eval_command, single_process_env
+
+
+def test_evaluation_after_training_gets_a_single_process_environment():
+    launcher = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "29500", "GROUP_RANK": "0", "ROLE_RANK": "0", "TORCHELASTIC_RUN_ID": "x",
+                "OMPI_COMM_WORLD_SIZE": "4", "CROSS_RANK": "0", "LOCAL_SIZE": "4"}
+    kept = {"PATH": "/bin", "HF_HOME": "/h", "CUDA_VISIBLE_DEVICES": "0,1,2,3", "OMP_NUM_THREADS": "8",
+            "HIDDENKEY_DS_CACHE": "/c", "NCCL_DEBUG": "INFO"}
+    assert single_process_env({**launcher, **kept}) == kept
+    assert {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= DISTRIBUTED_ENV
+
+
+def test_evaluation_after_training_is_the_eval_command_with_the_recipes_settings(tmp_path):
+    ev = SimpleNamespace(tasks=["hk_rte", "hk_sst2"], limit=100, batch_size=16)
+    cmd = eval_command(tmp_path, ev)
+    assert cmd[1:] == ["-m", "hiddenkey_ds.cli", "eval", str(tmp_path), "--batch-size", "16", "--tasks",
+                       "hk_rte,hk_sst2", "--limit", "100"]
+    assert eval_command(tmp_path, SimpleNamespace(tasks=[], limit=None, batch_size=8))[4:] == [
+        str(tmp_path), "--batch-size", "8"]
+
+
+def test_train_no_longer_imports_the_evaluation_layer():
+    import ast
+    import inspect
+
+    import hiddenkey_ds.train as train_module
+
+    imported = {alias.name if isinstance(node, ast.Import) else node.module
+                for node in ast.walk(ast.parse(inspect.getsource(train_module)))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
+    assert not any(name and (name.startswith("lm_eval") or name == "hiddenkey_ds.evaluate") for name in imported)
