@@ -7,11 +7,12 @@ one prompt, one place, no extra template to register.
 Why it can show regularization: each review has two clauses of opposite or equal polarity joined by a
 contrast ("X, but Y", "Although X, Y", "Y, even though X") and adjectives may be negated ("not bland"); the
 verdict is the main clause's. SmolLM2-135M-Instruct gets 75.8% of the dev reviews right zero-shot (keywords
-mislead it) and plain LoRA learns the rule in a few dozen steps (91.4% after the demo's 60). The training split
-is small and a fixed fraction of its labels is flipped (seeded; flagged in a `noisy` column the loader
-ignores): a model that keeps fitting the training set memorizes those flips and its validation loss turns up -
-the overfitting dropout methods are meant to curb. The validation split is clean, balanced and shares no
-sentence with the training split.
+mislead it) and plain LoRA learns the rule in a few dozen steps. The files hold clean labels; the demo recipes
+carve their validation split out of the training file (`data.validation_from_train`) and flip a fixed fraction
+of the remaining training labels (`data.label_noise`, seeded): a model that keeps fitting the training set
+memorizes those flips and its validation loss turns up - the overfitting dropout methods are meant to curb.
+The dev file, which lm-eval scores, is clean, balanced, shares no sentence with the training file and is
+never used to pick anything (neither a step nor a setting).
 """
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def _review(rng: random.Random) -> tuple[str, int]:
     return text, label
 
 
-def make_rows(seed: int = 0, n_train: int = 64, n_dev: int = 128, noise: float = 0.2) -> dict[str, list[dict]]:
-    """{"train": rows, "validation": rows}; the same arguments give the same rows on every machine."""
+def make_rows(seed: int = 0, n_train: int = 128, n_dev: int = 128, noise: float = 0.0) -> dict[str, list[dict]]:
+    """{"train": rows, "validation": rows}; the same arguments give the same rows on every machine. `noise`
+    flips that fraction of the training labels in the file itself (flagged `noisy`); the demo keeps the files
+    clean and lets the recipe flip labels after carving its validation split."""
     if not 0.0 <= noise < 0.5:
         raise ValueError(f"noise={noise}: the flipped fraction must be in [0, 0.5) for the labels to stay learnable")
     if n_train < 1 or n_dev < 1:
@@ -82,8 +85,8 @@ def make_rows(seed: int = 0, n_train: int = 64, n_dev: int = 128, noise: float =
     return {"train": train, "validation": dev}
 
 
-def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 64, n_dev: int = 128,
-                  noise: float = 0.2) -> Path:
+def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 128, n_dev: int = 128,
+                  noise: float = 0.0) -> Path:
     """Write train.jsonl, dev.jsonl and dataset.yaml (how they were made) into out_dir; returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
