@@ -100,16 +100,16 @@ def make_steps(args, regime):
     return steps
 
 
-def time_steps(steps, rounds, warmup):
+def time_steps(steps, rounds, warmup, clock=time.perf_counter):
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -173,6 +173,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--regimes", default="cls,sft")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time (time.process_time), which other jobs on a shared machine "
+                             "do not inflate; use it with --threads 1")
     parser.add_argument("--quick", action="store_true", help="small shape, few rounds")
     args = parser.parse_args()
     if args.quick:
@@ -181,13 +184,14 @@ def main():
     depths = [int(d) for d in str(args.layers).split(",")]
     print(f"# shape: hidden {args.hidden}, {'/'.join(map(str, depths))} layers, {args.heads} heads, vocab "
           f"{args.vocab}, seq {args.seq}, batch {args.batch}, LoRA r=8 on q,v, {args.threads} threads, "
-          f"torch {torch.__version__}")
+          f"{args.clock} clock, torch {torch.__version__}")
     regimes = args.regimes.split(",")
     table = {}
     for depth in depths:
         args.layers = depth
         for regime in regimes:
-            medians = time_steps(make_steps(args, regime), rounds=args.rounds, warmup=1)
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            medians = time_steps(make_steps(args, regime), rounds=args.rounds, warmup=1, clock=clock)
             table[(depth, regime)] = medians
     names = list(next(iter(table.values())))
     cols = list(table)

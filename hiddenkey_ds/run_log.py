@@ -70,6 +70,15 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         self.monitor = None  # DeepSpeed's monitor (TensorBoard) when enabled in the DeepSpeed config
 
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def resume_clock(self, elapsed: float | None) -> None:
+        """A resumed run's clock continues from its checkpoint: summary.json's wall_time_s and the metrics' `time`
+        count every segment (the work redone after an interruption included), not just the last one."""
+        if elapsed:
+            self.started = time.time() - elapsed
+
     def new_window(self) -> MetricsWindow:
         return MetricsWindow()
 

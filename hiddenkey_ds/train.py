@@ -211,6 +211,7 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
         # checkpoints before MicroBatchStream stored (epoch, consumed) instead of the stream's own position
         batches.load_state_dict(client.get("data") or {"epoch": client["epoch"], "index": client["consumed"]})
         best.best = client.get("best")
+        log.resume_clock(client.get("elapsed_s"))
         log.truncate_after(step)
         if rank == 0 and state.safe_changes:
             write_resolved_recipe(run_dir, recipe)  # evaluation and reports read the settings in use now
@@ -224,7 +225,7 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
         log.info(partitioned)
 
     def checkpoint_state() -> dict:
-        return {"step": step, "data": batches.state_dict(), "best": best.state()}
+        return {"step": step, "data": batches.state_dict(), "best": best.state(), "elapsed_s": log.elapsed()}
 
     engine.train()
     window = log.new_window()

@@ -52,6 +52,7 @@ def test_unknown_section_is_refused():
     assert proc.returncode == 2 and "unknown section" in proc.stderr
 
 
+@pytest.mark.slow  # ~45 s of 2 cores: the steps and kernel sections above keep the script in the default suite
 @pytest.mark.distributed
 def test_smoke_launched_runs(tmp_path):
     """The launched sections as a user runs them: QLoRA 4-bit through `python -m hiddenkey_ds.train` (finite

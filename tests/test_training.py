@@ -152,7 +152,11 @@ def test_kill_during_and_after_saves_then_resume_equals_uninterrupted(tmp_path):
     assert sorted(after) == sorted(reference)  # metrics.jsonl: no duplicated or missing steps
     for step in reference:
         assert after[step] == pytest.approx(reference[step], abs=1e-6), step
-    assert (out / "summary.json").exists()
+    # the clock continues from the checkpoint: wall time counts every segment, not only the last one
+    times = [r["time"] for r in sorted(metrics(out, "train"), key=lambda r: r["step"])]
+    assert times == sorted(times), times
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_time_s"] >= times[-1] - 0.1
 
 
 def _run_full(out):
