@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hiddenkey_ds.config.keys import flatten
+
 COMPLETE = "COMPLETE"
 
 
@@ -174,15 +176,6 @@ IGNORED_ON_RESUME = ("run.output_dir", "run.resume")
 _ABSENT = "<absent>"
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): node}
-
-
 def _safe(key: str) -> bool:
     return any(key == s or (s.endswith(".*") and key.startswith(s[:-1])) for s in SAFE_ON_RESUME)
 
@@ -198,7 +191,7 @@ def _same_path(a: Any, b: Any) -> bool:
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
     """(result-changing, safe) differences between two recipe dumps (``Recipe.model_dump(mode="json")``), each
     as (dotted key, old value, new value)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     unsafe, safe = [], []
     for key in sorted(set(a) | set(b)):
         if key in IGNORED_ON_RESUME:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hiddenkey_ds.config.keys import flatten
 from hiddenkey_ds.config.schema import Recipe
 
 BASELINE = "LoRA"
@@ -218,17 +219,8 @@ def eval_settings(results: dict[str, Any]) -> dict[str, Any]:
 
 # -- checks before anything is compared -------------------------------------------------------------------
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
-
-
 def _method_settings(recipe: Recipe) -> dict[str, Any]:
-    flat = _flat(recipe.model_dump(mode="json"))
+    flat = flatten(recipe.model_dump(mode="json"))
     return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in SEED_KEYS)}
 
 

@@ -141,6 +141,16 @@ def check_key(parts: list[str]) -> str | None:
     return None
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a dumped recipe) as {dotted key: leaf value}."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
 def dotted_location(loc: tuple[Any, ...]) -> str:
     """A pydantic error location as the user's dotted key, without pydantic's union/validator tags."""
     out: list[str] = []
