@@ -132,6 +132,7 @@ def test_local_task_without_directory_says_how_to_give_it():
         get_task_dict(["hk_rte_local"], TaskManager(include_path=str(evaluate.TASKS_DIR), metadata={}))
 
 
+@pytest.mark.slow  # ~20 s: runs the stock lm_eval CLI beside ours on the same adapter
 def test_hiddenkey_eval_equals_stock_lm_eval_cli(adapter, sst2_dir, tmp_path):
     """`hiddenkey-ds eval` and the `lm_eval` command it prints give identical numbers and the expected layout."""
     out = tmp_path / "ours"

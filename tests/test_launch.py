@@ -321,6 +321,7 @@ def test_local_two_rank_cpu_run_trains_the_tiny_recipe(single_node_run):
     assert "rank 1 (local 1 of 2)" in (logs / "rank1.log").read_text()
 
 
+@pytest.mark.slow  # ~20 s of 2 cores; the single-node 2-rank run above stays in the default suite
 @pytest.mark.distributed
 def test_two_loopback_nodes_match_the_single_node_run(single_node_run, tmp_path):
     ref_dir, ref = single_node_run
