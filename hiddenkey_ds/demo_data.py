@@ -6,7 +6,7 @@ one prompt, one place, no extra template to register.
 
 Why it can show regularization: each review has two clauses of opposite or equal polarity joined by a
 contrast ("X, but Y", "Although X, Y", "Y, even though X") and adjectives may be negated ("not bland"); the
-verdict is the main clause's. SmolLM2-135M-Instruct gets 75.8% of the dev reviews right zero-shot (keywords
+verdict is the main clause's. SmolLM2-135M-Instruct gets 71.9% of the dev reviews right zero-shot (keywords
 mislead it) and plain LoRA learns the rule in a few dozen steps. The files hold clean labels; the demo recipes
 carve their validation split out of the training file (`data.validation_from_train`) and flip a fixed fraction
 of the remaining training labels (`data.label_noise`, seeded): a model that keeps fitting the training set
