@@ -21,8 +21,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
        "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
+def _random_adapter(out: Path, seed: int, alpha: int) -> Path:
     """A real PEFT adapter on builtin:tiny-llama with non-zero LoRA weights (so it changes the scores)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -31,13 +30,17 @@ def adapter(tmp_path_factory) -> Path:
     from hiddenkey_ds.models import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model, LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
-    out = tmp_path_factory.mktemp("adapter")
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    return _random_adapter(tmp_path_factory.mktemp("adapter"), seed=0, alpha=8)
 
 
 @pytest.fixture(scope="module")
@@ -200,20 +203,7 @@ def fake_run(directory: Path, adapter: Path, *overrides: str, best: Path | None 
 @pytest.fixture(scope="module")
 def other_adapter(tmp_path_factory) -> Path:
     """A second adapter with other weights: the best checkpoint of fake runs, so its scores differ."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from hiddenkey_ds.models import resolve_model_path
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    torch.manual_seed(1)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
-    out = tmp_path_factory.mktemp("adapter_best")
-    peft_model.save_pretrained(out)
-    return out
+    return _random_adapter(tmp_path_factory.mktemp("adapter_best"), seed=1, alpha=64)
 
 
 def test_best_and_final_adapters_each_get_their_results_file(adapter, other_adapter, tmp_path):
