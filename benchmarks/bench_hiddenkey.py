@@ -72,8 +72,8 @@ TARGETS = {"hiddenkey_nokl": 1.10, "hiddenkey (one-branch KL, shared first half)
 
 
 def make_steps(args, regime):
-    from hiddenkey_ds.dropout import DropoutConfig
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method import DropoutConfig
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     ids, mask, labels = make_batch(args, regime)
     steps = {}
@@ -132,7 +132,7 @@ def head_memory(variant, batch, seq, hidden, vocab, supervised, chunk_tokens=102
     """Peak MiB of the loss head alone (dual pass: 2 x batch rows of hidden states as input)."""
     from torch.utils.checkpoint import checkpoint
 
-    from hiddenkey_ds.objective import _head_chunk
+    from hiddenkey_ds.method.objective import _head_chunk
 
     torch.manual_seed(0)
     lm_head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)

@@ -11,7 +11,7 @@ Both sides run the same plain-LoRA job on the same ranks (torchrun, gloo on CPU,
   at each step's log line) gives wall and CPU seconds per step.
 - **Trainer**: `Trainer` + `TrainingArguments(deepspeed=<dict>)` + `peft.get_peft_model(LoraConfig(...))` on
   the model loaded with `AutoModelForCausalLM.from_pretrained`, given the DeepSpeed dict our loop resolves
-  (`hiddenkey_ds.ds_config.resolve_ds_config`: ZeRO-2, AdamW, clipping), the same learning rate, warmup and
+  (`hiddenkey_ds.config.deepspeed.resolve_ds_config`: ZeRO-2, AdamW, clipping), the same learning rate, warmup and
   linear decay, the same LoRA settings and LoRA initialisation (same seed right before `get_peft_model`), the
   same tokenized examples in the same per-rank batch order (our sampler and collator through an overridden
   `get_train_dataloader`), logging every step; a callback's `on_step_end` clock gives wall and CPU seconds.
@@ -80,8 +80,8 @@ def trainer_worker(payload: dict) -> None:
 
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
-    from hiddenkey_ds.ds_config import resolve_ds_config
-    from hiddenkey_ds.models import DTYPES, load_tokenizer, resolve_model_path
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
+    from hiddenkey_ds.models.loading import DTYPES, load_tokenizer, resolve_model_path
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out_dir = Path(payload["out_dir"])
@@ -168,7 +168,8 @@ def ours_worker(argv: list[str]) -> int:
     """One rank of our side: `hiddenkey_ds.train.main(argv)` as `python -m hiddenkey_ds.train` runs it, with a
     clock on the run logger: the first `new_window()` (just before step 1) and every `train_line()` (the end of
     a logged step, after its collective metric reduction, on every rank) record wall and process CPU time."""
-    from hiddenkey_ds import run_log, train
+    from hiddenkey_ds import train
+    from hiddenkey_ds.training import run_log
 
     clock: dict = {"begin": None, "ends": []}
     new_window, train_line = run_log.RunLogger.new_window, run_log.RunLogger.train_line

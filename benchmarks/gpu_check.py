@@ -184,9 +184,9 @@ class Env:
 
 
 def _flex_module():
-    """hiddenkey_ds.dropout.flex, or None where this checkout has no fused path."""
+    """hiddenkey_ds.method.flex, or None where this checkout has no fused path."""
     try:
-        from hiddenkey_ds.dropout import flex
+        from hiddenkey_ds.method import flex
     except ImportError:
         return None
     return flex
@@ -201,9 +201,9 @@ def plan_gib(env: Env, shape: Shape, overrides: list[str], layers: int | None = 
     from dataclasses import replace
 
     from hiddenkey_ds.config import load_recipe
-    from hiddenkey_ds.ds_config import resolve_ds_config
-    from hiddenkey_ds.model_shapes import ModelShape, shape_from_config
-    from hiddenkey_ds.plan import config_from_recipe, estimate
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
+    from hiddenkey_ds.models.shapes import ModelShape, shape_from_config
+    from hiddenkey_ds.planning.plan import config_from_recipe, estimate
 
     recipe = load_recipe(RECIPE, overrides, world_size=1, check_output_dir=False)
     ds = resolve_ds_config(recipe, 1, total_steps=recipe.train.max_steps or 10)
@@ -252,7 +252,7 @@ def build_model(env: Env, shape: Shape, layers: int | None = None):
 
 def dropout_config(preset: str, **fields):
     """DropoutConfig(preset, **fields), leaving out fields this checkout's DropoutConfig does not have."""
-    from hiddenkey_ds.dropout import DropoutConfig
+    from hiddenkey_ds.method import DropoutConfig
 
     known = DropoutConfig.model_fields
     return DropoutConfig(preset=preset, **{k: v for k, v in fields.items() if k in known})
@@ -261,7 +261,7 @@ def dropout_config(preset: str, **fields):
 def step_configs(env: Env) -> dict[str, tuple[str, dict]]:
     """name -> (preset, extra DropoutConfig fields). The fused path is the default on CUDA (key_kernel auto);
     `hiddenkey_nokl, sdpa kernel` shows what it saves."""
-    from hiddenkey_ds.dropout import DropoutConfig
+    from hiddenkey_ds.method import DropoutConfig
 
     known = DropoutConfig.model_fields
     configs = {"plain LoRA": ("none", {}), "hiddenkey_nokl": ("hiddenkey_nokl", {})}
@@ -305,7 +305,7 @@ def lora_step_flops(shape: Shape, model) -> float:
 def section_steps(env: Env, shape: Shape, report: Report) -> None:
     import torch
 
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     batch = make_batch(env, shape)
     configs = step_configs(env)
@@ -410,8 +410,8 @@ def section_kernel(env: Env, shape: Shape, report: Report) -> None:
     import torch
     import torch.nn.functional as F
 
-    from hiddenkey_ds.dropout import attention
-    from hiddenkey_ds.dropout.masks import attention_keep
+    from hiddenkey_ds.method import attention
+    from hiddenkey_ds.method.masks import attention_keep
 
     flex = _flex_module()
     b, h, d = 1, shape.kernel_heads, shape.kernel_dim
@@ -462,7 +462,7 @@ def _kernel_agreement(env, report, flex, q, k, v, grad, keep, visible, seq) -> N
     FlexAttention has a backward) to the compute dtype's tolerance."""
     import torch
 
-    from hiddenkey_ds.dropout import attention
+    from hiddenkey_ds.method import attention
 
     tol = 2e-2 if env.dtype == torch.bfloat16 else 1e-4
     try:
@@ -494,7 +494,7 @@ def model_dir(env: Env, shape: Shape, root: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hiddenkey_ds.builtin_models import builtin_path
+    from hiddenkey_ds.models.builtin import builtin_path
 
     tiny = builtin_path("builtin:tiny-llama")
     ids = LlamaConfig.from_pretrained(tiny)

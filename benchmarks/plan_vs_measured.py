@@ -4,7 +4,7 @@
     python benchmarks/plan_vs_measured.py --models tiny --stages 0,3 --world 2 --json out.json
 
 What is measured: every rank (gloo, one process per rank) builds the model from its config (random init,
-no files), adds LoRA and the objective exactly as hiddenkey_ds.models / train.py do (same recipe schema,
+no files), adds LoRA and the objective exactly as hiddenkey_ds.models.loading / train.py do (same recipe schema,
 `lora_config`, gradient checkpointing helper, `HiddenKeyObjective`, `resolve_ds_config`,
 `deepspeed.initialize`) and runs two optimizer steps. Peak = the process's resident-set high-water mark over
 those steps (VmHWM, reset through /proc/self/clear_refs just before them) minus its resident set after the
@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hiddenkey_ds.model_shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402,F401  (ModelShape: tests build probes)
-from hiddenkey_ds.plan import MemoryPlan, PlanConfig, estimate  # noqa: E402
+from hiddenkey_ds.models.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402,F401  (ModelShape: tests build probes)
+from hiddenkey_ds.planning.plan import MemoryPlan, PlanConfig, estimate  # noqa: E402
 
 MIB = 1024**2
 TINY_RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
-# builtin:tiny-llama's architecture (hiddenkey_ds.builtin_models.TINY_CONFIG, vocabulary 1024)
+# builtin:tiny-llama's architecture (hiddenkey_ds.models.builtin.TINY_CONFIG, vocabulary 1024)
 TINY_SHAPE = ModelShape("tiny-llama", layers=2, hidden=64, intermediate=176, heads=4, kv_heads=2, vocab=1024,
                         tie_embeddings=False)
 SHAPES = {"tiny": TINY_SHAPE, "smollm2": BUILTIN_SHAPES["smollm2-135m"]}
@@ -81,8 +81,8 @@ def recipe_overrides(spec: Spec) -> list[str]:
 def plan_config(spec: Spec, world: int) -> PlanConfig:
     """The planner's view of a Spec, from the same recipe + resolved DeepSpeed config the worker trains with."""
     from hiddenkey_ds.config import load_recipe
-    from hiddenkey_ds.ds_config import resolve_ds_config
-    from hiddenkey_ds.plan import config_from_recipe
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
+    from hiddenkey_ds.planning.plan import config_from_recipe
 
     recipe = load_recipe(TINY_RECIPE, recipe_overrides(spec), world_size=world, check_output_dir=False)
     ds = resolve_ds_config(recipe, world, total_steps=2)
@@ -126,9 +126,9 @@ def _measure_one(spec: Spec, world: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hiddenkey_ds.config import load_recipe
-    from hiddenkey_ds.ds_config import resolve_ds_config
-    from hiddenkey_ds.models import _enable_gradient_checkpointing, lora_config
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
+    from hiddenkey_ds.models.loading import _enable_gradient_checkpointing, lora_config
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     recipe = load_recipe(TINY_RECIPE, recipe_overrides(spec), world_size=world, check_output_dir=False)
     ds = resolve_ds_config(recipe, world, total_steps=2)
@@ -229,7 +229,7 @@ class Probe:
     layers: str | None = None               # dropout.layers; None: the default (the latter half)
     consistency_grad: str | None = None     # None: the default (one_branch)
     attention_pattern: str | None = None
-    rebuild_mask_bytes: int | None = None   # None: hiddenkey_ds.dropout's threshold (moved down to reach the
+    rebuild_mask_bytes: int | None = None   # None: hiddenkey_ds.method's threshold (moved down to reach the
                                             # rebuilt-mask branch at probe sizes)
 
 
@@ -240,9 +240,9 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hiddenkey_ds.dropout import DropoutConfig
-    from hiddenkey_ds.models import _enable_gradient_checkpointing
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method import DropoutConfig
+    from hiddenkey_ds.models.loading import _enable_gradient_checkpointing
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     s = probe.shape
     dtype = torch.bfloat16 if probe.dtype == "bf16" else torch.float32
@@ -287,7 +287,7 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    from hiddenkey_ds.dropout import attention as dropout_attention
+    from hiddenkey_ds.method import attention as dropout_attention
 
     threshold = dropout_attention.REBUILD_MASK_BYTES
     if probe.rebuild_mask_bytes is not None:

@@ -8,29 +8,30 @@ escape.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
+
+from hiddenkey_ds.distributed import is_rank_zero
 
 # Subcommand -> module exposing `main(argv: list[str]) -> int`. Imported lazily so that `hiddenkey-ds plan`
 # does not pay for importing DeepSpeed and lm-eval.
 SUBCOMMANDS = {
     "train": ("hiddenkey_ds.train", "fine-tune with LoRA/QLoRA + a dropout method (recipe YAML + key=value overrides)"),
-    "eval": ("hiddenkey_ds.evaluate", "evaluate a run directory or adapter with lm-evaluation-harness"),
-    "report": ("hiddenkey_ds.report", "Markdown report + PNG figures comparing runs"),
-    "sweep": ("hiddenkey_ds.sweep", "run a grid of methods x seeds x tasks, then report"),
-    "demo": ("hiddenkey_ds.demo", "offline end-to-end demo: LoRA vs HiddenKey on SmolLM2-135M"),
-    "plan": ("hiddenkey_ds.plan", "estimate per-GPU memory of a recipe before queueing it"),
+    "eval": ("hiddenkey_ds.evaluation.harness", "evaluate a run directory or adapter with lm-evaluation-harness"),
+    "report": ("hiddenkey_ds.experiments.report", "Markdown report + PNG figures comparing runs"),
+    "sweep": ("hiddenkey_ds.experiments.sweep", "run a grid of methods x seeds x tasks, then report"),
+    "demo": ("hiddenkey_ds.experiments.demo", "offline end-to-end demo: LoRA vs HiddenKey on SmolLM2-135M"),
+    "plan": ("hiddenkey_ds.planning.plan", "estimate per-GPU memory of a recipe before queueing it"),
 }
 
 # The package's bad-input exceptions, by module: each is caught only if its module was imported (a subcommand
 # that never imported it cannot raise it).
 USER_ERRORS = {
-    "hiddenkey_ds.config.errors": "RecipeError",
-    "hiddenkey_ds.models": "ModelLoadError",
-    "hiddenkey_ds.builtin_models": "BuiltinModelError",
-    "hiddenkey_ds.evaluate": "EvalError",
-    "hiddenkey_ds.report": "ReportError",
-    "hiddenkey_ds.sweep": "SweepError",
+    "hiddenkey_ds.errors": "RecipeError",
+    "hiddenkey_ds.models.loading": "ModelLoadError",
+    "hiddenkey_ds.models.builtin": "BuiltinModelError",
+    "hiddenkey_ds.evaluation.harness": "EvalError",
+    "hiddenkey_ds.experiments.report": "ReportError",
+    "hiddenkey_ds.experiments.sweep": "SweepError",
 }
 
 
@@ -49,10 +50,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def rank_zero() -> bool:
-    return os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - only the package's bad-input types are handled, the rest re-raised
         if not isinstance(err, user_error_types()):
             raise
-        if rank_zero():
+        if is_rank_zero():
             print(f"hiddenkey-ds {name}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,319 +1,47 @@
-"""Fine-tune with LoRA / QLoRA and a point of the dropout framework, under DeepSpeed.
+"""Fine-tune with LoRA / QLoRA and a point of the dropout framework, under DeepSpeed; then, with eval.at_end,
+evaluate the adapter.
 
-    python -m hiddenkey_ds.train RECIPE.yaml [key=value ...]                 # one process
+    python -m hiddenkey_ds.train RECIPE.yaml [key=value ...]                        # one process
     deepspeed --num_gpus 8 --module hiddenkey_ds.train RECIPE.yaml [key=value ...]  # the same, N ranks
     torchrun --nproc_per_node 8 -m hiddenkey_ds.train RECIPE.yaml ...
+    hiddenkey-ds train RECIPE.yaml ...
 
-Every rank runs this file top to bottom; rank 0 alone prints and writes run-level files.
+Two steps, composed here and nowhere else: the loop (hiddenkey_ds.training.loop) ends at the adapter, and the
+evaluation runs as its own single process (hiddenkey_ds.evaluation.command) after every rank has left the
+distributed world.
 """
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import sys
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from hiddenkey_ds.config import RecipeError, load_recipe
-from hiddenkey_ds.preflight import check_model, check_run_dir
-from hiddenkey_ds.run_log import RunLogger, all_reduce_cpu
-
-# Deprecations inside DeepSpeed / PEFT that a user cannot act on; one per rank per step otherwise.
-for _pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
-    warnings.filterwarnings("ignore", message=_pattern, category=FutureWarning)
-# bitsandbytes (imported by PEFT) warns on every CPU rank that an optional AVX512 kernel package is missing; the
-# fallback it uses instead is the tested path, and the warning would bury a start-up error message.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from hiddenkey_ds.distributed import is_rank_zero
 
 USAGE = "usage: python -m hiddenkey_ds.train RECIPE.yaml [key=value ...]   (e.g. train.max_steps=10 run.output_dir=runs/x)"
 
 
-# ---------------------------------------------------------------------------------------------- setup
-def launcher_world_size() -> int:
-    """The world size the launcher announces, known before torch.distributed starts (1 for a plain process)."""
-    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
-def is_rank_zero() -> bool:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
-
-
-def init_distributed() -> None:
-    """One code path for `python`, `deepspeed` and `torchrun`: a single process gets a world of one."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    deepspeed.init_distributed(dist_init_required=True, verbose=False)
-
-
-def enable_tensorboard(ds_config: dict, run_dir: Path) -> None:
-    """Metrics also go to TensorBoard (through DeepSpeed's monitor) when it is installed, unless the DeepSpeed
-    JSON configures the monitor itself."""
-    import importlib.util
-
-    if "tensorboard" not in ds_config and importlib.util.find_spec("tensorboard") is not None:
-        ds_config["tensorboard"] = {"enabled": True, "output_path": str(run_dir / "tensorboard"), "job_name": "."}
-
-
-def check_ds_config_unchanged(run_dir: Path, ds_config: dict) -> None:
-    """On resume: the DeepSpeed JSON a run name points at may have been edited since the run started."""
-    import json
-
-    saved = run_dir / "ds_config.json"
-    if not saved.is_file():
-        return
-    before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "tensorboard"}
-    now = {k: v for k, v in ds_config.items() if k != "tensorboard"}
-    if before != now:
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        raise RecipeError([
-            f"run.resume: the resolved DeepSpeed config differs from the run's {saved} in {', '.join(changed)} "
-            "(hint: restore the DeepSpeed JSON the run was started with, or start a new run)"
-        ])
-
-
-def zero3_partition_line(model) -> str | None:
-    """How many parameter tensors ZeRO-3 really partitions: tensors at or below
-    stage3_param_persistence_threshold elements stay whole on every rank."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return None
-    whole = sum(bool(getattr(p, "ds_persist", False)) for p in params)
-    return (f"ZeRO-3: {len(params) - whole} of {len(params)} parameter tensors partitioned over "
-            f"{dist.get_world_size()} ranks ({whole} below stage3_param_persistence_threshold stay whole)")
-
-
-# ---------------------------------------------------------------------------------------------- data
-def steps_per_epoch(sampler, micro_batch_size: int, grad_accum: int) -> int:
-    return (len(sampler) // micro_batch_size) // grad_accum
-
-
-def global_token_normalizer(batches, world_size: int) -> float:
-    """Supervised tokens of the whole optimizer step, over all ranks, divided by world_size x grad_accum:
-    DeepSpeed averages gradients over ranks and micro-batches, so dividing each micro-batch's loss sum by this
-    gives the exact token mean of the global batch, independent of how it is split across ranks."""
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    total = all_reduce_cpu(torch.tensor(float(local), dtype=torch.float64))
-    return max(total.item(), 1.0) / (world_size * len(batches))
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(engine, eval_ds, collate, micro_batch_size: int) -> dict[str, float]:
-    """Validation loss and answer accuracy over the whole split, sharded over ranks, all-reduced.
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): ranks whose shard
-    runs out repeat an example with no supervised token, which counts for nothing."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    shard = list(range(rank, len(eval_ds), world))
-    n_batches = -(-((len(eval_ds) + world - 1) // world) // micro_batch_size)
-    sums = torch.zeros(5, dtype=torch.float64)  # ce_sum, tokens, token_correct, seq_correct, seqs
-    engine.eval()
-    for i in range(n_batches):
-        rows = shard[i * micro_batch_size:(i + 1) * micro_batch_size]
-        batch = collate([eval_ds[j] for j in rows] if rows else [eval_ds[0]])
-        if not rows:
-            batch["labels"].fill_(-100)
-        out = engine(**to_device(batch, engine.device))
-        n = out.n_tokens.item()
-        sums += torch.tensor([out.ce.item() * n, n, out.token_correct.item(), out.seq_correct.item(),
-                              out.n_seqs.item()], dtype=torch.float64)
-    engine.train()
-    ce_sum, tokens, token_correct, seq_correct, seqs = all_reduce_cpu(sums).tolist()
-    return {"loss": ce_sum / max(tokens, 1), "accuracy": seq_correct / max(seqs, 1),
-            "token_accuracy": token_correct / max(tokens, 1), "examples": int(seqs)}
-
-
-# ---------------------------------------------------------------------------------------------- the run
-@dataclass
-class Outcome:
-    run_dir: Path
-    evaluate_at_end: bool  # rank 0 runs the evaluation as its own process once this one has left distributed
-    eval_section: object = None
-
-
-def train(recipe_path: str, overrides: list[str]) -> Outcome:
-    # Everything that can be checked without torch.distributed, DeepSpeed, the weights or the data comes first:
-    # a bad recipe, model or run directory then fails in seconds, before any process group or file exists.
-    recipe = load_recipe(recipe_path, overrides, world_size=launcher_world_size())
-    run_dir = Path(recipe.run.output_dir)
-    state = check_run_dir(recipe)
-    if state.finished:
-        if is_rank_zero():
-            print(f"{run_dir} holds a finished run (summary.json); nothing to do")
-        return Outcome(run_dir, evaluate_at_end=False)
-    check_model(recipe)
-
-    import deepspeed
-
-    from hiddenkey_ds.best_adapter import BestAdapter
-    from hiddenkey_ds.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-    from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
-    from hiddenkey_ds.data.batching import MicroBatchStream
-    from hiddenkey_ds.ds_config import lr_scheduler_factory, resolve_ds_config
-    from hiddenkey_ds.models import load_model, load_tokenizer
-    from hiddenkey_ds.objective import HiddenKeyObjective
-
-    # the data needs no process group either: its problems (columns, empty rows, splits) come before one exists
-    tokenizer = load_tokenizer(recipe)
-    train_ds, eval_ds, data_report = build_datasets(recipe, tokenizer)
-
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world != launcher_world_size():  # a launcher that announced no world size: check the batch arithmetic now
-        recipe = load_recipe(recipe_path, overrides, world_size=world)
-    collate = make_collator(tokenizer)
-    sampler = make_sampler(train_ds, world, rank, recipe.run.seed, recipe.data.shuffle)
-    t = recipe.train
-    if steps_per_epoch(sampler, t.micro_batch_size, t.grad_accum) == 0:
-        raise RecipeError([f"data: {len(train_ds)} training examples make no optimizer step of "
-                           f"{t.global_batch(world)} examples (hint: lower train.micro_batch_size or train.grad_accum)"])
-    total_steps = t.total_steps(len(train_ds), world)
-    ds_config = resolve_ds_config(recipe, world, total_steps)
-    enable_tensorboard(ds_config, run_dir)
-    if state.resume_from is not None:
-        check_ds_config_unchanged(run_dir, ds_config)
-
-    model, _ = load_model(recipe, ds_config)
-    objective = HiddenKeyObjective(model, recipe.dropout, chunk_tokens=t.loss_chunk_tokens)
-    engine, _, _, _ = deepspeed.initialize(
-        model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config,
-        lr_scheduler=lr_scheduler_factory(recipe, total_steps))
-
-    torch.manual_seed(recipe.run.seed + rank)  # masks: independent across ranks, repeatable across runs
-    log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
-    log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
-    batches = MicroBatchStream(train_ds, sampler, collate, t.micro_batch_size)
-    step = 0  # optimizer steps done
-    best = BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None)
-    if state.resume_from is not None:
-        client = load_checkpoint(engine, state.resume_from)
-        step = client["step"]
-        # checkpoints before MicroBatchStream stored (epoch, consumed) instead of the stream's own position
-        batches.load_state_dict(client.get("data") or {"epoch": client["epoch"], "index": client["consumed"]})
-        best.best = client.get("best")
-        log.resume_clock(client.get("elapsed_s"))
-        log.truncate_after(step)
-        if rank == 0 and state.safe_changes:
-            write_resolved_recipe(run_dir, recipe)  # evaluation and reports read the settings in use now
-            log.info("resumed with changed settings: " + ", ".join(
-                f"{key} {old!r} -> {new!r}" for key, old, new in state.safe_changes))
-        log.info(f"resumed from {state.resume_from} at step {step}")
-    else:
-        log.start(recipe, ds_config, data_report, model)
-    partitioned = zero3_partition_line(model)
-    if partitioned:
-        log.info(partitioned)
-
-    def checkpoint_state() -> dict:
-        return {"step": step, "data": batches.state_dict(), "best": best.state(), "elapsed_s": log.elapsed()}
-
-    engine.train()
-    window = log.new_window()
-    while step < total_steps:
-        group = [next(batches) for _ in range(t.grad_accum)]
-        normalizer = global_token_normalizer(group, world)
-        lr = engine.get_lr()[0]  # the lr this optimizer step uses (the scheduler advances after it)
-        for batch in group:
-            out = engine(**to_device(batch, engine.device), normalizer=normalizer)
-            engine.backward(out.loss)
-            engine.step()
-            window.add(out, batch, normalizer)
-        step += 1
-
-        if step % t.log_every == 0 or step == total_steps:
-            log.train_line(step, window.reduce(), lr)
-            window = log.new_window()
-        if eval_ds is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            metrics = evaluate(engine, eval_ds, collate, t.micro_batch_size)
-            log.eval_line(step, metrics)
-            best.consider(model, step, metrics)
-        if t.save_every and step % t.save_every == 0 and step < total_steps:
-            save_checkpoint(engine, run_dir, step, checkpoint_state(), t.keep_checkpoints)
-    log.close_progress()
-
-    final_eval = evaluate(engine, eval_ds, collate, t.micro_batch_size) if eval_ds is not None else None
-    if final_eval is not None:
-        log.eval_line(step, final_eval)
-        best.consider(model, step, final_eval)
-    save_checkpoint(engine, run_dir, step, checkpoint_state(), t.keep_checkpoints)
-    save_adapter(model, run_dir / "adapter", meta={"kind": "final", "step": step})
-    if rank == 0:
-        log.finish(step, final_eval, best.state())
-    dist.barrier()
-    dist.destroy_process_group()
-    return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and rank == 0, eval_section=recipe.eval)
-
-
-def write_resolved_recipe(run_dir: Path, recipe) -> None:
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, run_dir / "config.yaml")
-
-
-# ---------------------------------------------------------------------------------------------- evaluation at the end
-# Variables a launcher sets for a rank. The evaluation after training is one process: with them left in, lm-eval
-# (through accelerate) joins a distributed world of ranks that have already exited and waits for them forever.
-DISTRIBUTED_ENV = frozenset({
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
-    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "CROSS_RANK", "CROSS_SIZE",
-})
-DISTRIBUTED_ENV_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMI_")
-
-
-def single_process_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in DISTRIBUTED_ENV and not k.startswith(DISTRIBUTED_ENV_PREFIXES)}
-
-
-def eval_command(run_dir: Path, ev) -> list[str]:
-    """`hiddenkey-ds eval RUN_DIR` with the recipe's eval.* settings: the command a sweep runs, too."""
-    cmd = [sys.executable, "-m", "hiddenkey_ds.cli", "eval", str(run_dir), "--batch-size", str(ev.batch_size)]
-    if ev.tasks:
-        cmd += ["--tasks", ",".join(ev.tasks)]
-    if ev.limit is not None:
-        cmd += ["--limit", str(ev.limit)]
-    return cmd
-
-
-def evaluate_at_end(outcome: Outcome) -> int:
-    import shlex
-    import subprocess
-
-    cmd = eval_command(outcome.run_dir, outcome.eval_section)
-    print(f"evaluating (eval.at_end): {shlex.join(cmd)}", flush=True)
-    rc = subprocess.run(cmd, env=single_process_env(dict(os.environ))).returncode
-    if rc != 0:
-        print(f"hiddenkey-ds train: training finished ({outcome.run_dir / 'summary.json'}) but its evaluation "
-              f"failed (exit {rc}) (hint: fix what it printed, then run it alone: {shlex.join(cmd[1:])})",
-              file=sys.stderr)
-    return rc
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (recipe, model, data, run directory), reported without a traceback."""
-    from hiddenkey_ds.builtin_models import BuiltinModelError
-    from hiddenkey_ds.models import ModelLoadError
+    from hiddenkey_ds.config import RecipeError
+    from hiddenkey_ds.models.builtin import BuiltinModelError
+    from hiddenkey_ds.models.loading import ModelLoadError
 
     return (RecipeError, ModelLoadError, BuiltinModelError)
+
+
+def evaluate_after_training(outcome) -> int:
+    import gc
+
+    import torch
+
+    from hiddenkey_ds.evaluation.command import eval_command, run_eval_process
+
+    # the loop has returned: its engine and model are garbage, their device memory can go to lm-eval
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    ev = outcome.eval_section
+    cmd = eval_command(outcome.run_dir, tasks=ev.tasks, limit=ev.limit, batch_size=ev.batch_size)
+    return run_eval_process(cmd, "eval.at_end; the training run itself is finished")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,24 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(USAGE)
         return 0 if argv else 2
-    recipe_path, overrides = argv[0], argv[1:]
+    from hiddenkey_ds.training.loop import train
+
     try:
-        outcome = train(recipe_path, overrides)
+        outcome = train(argv[0], argv[1:])
     except user_errors() as err:
         if is_rank_zero():  # every rank found the same problem; one message is enough
             print(f"hiddenkey-ds train: {err}", file=sys.stderr)
+        import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
-    if outcome.evaluate_at_end:
-        # train() has returned: the engine and the model are garbage, their device memory can go to lm-eval
-        import gc
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return evaluate_at_end(outcome)
-    return 0
+    return evaluate_after_training(outcome) if outcome.evaluate_at_end else 0
 
 
 if __name__ == "__main__":

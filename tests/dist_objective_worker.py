@@ -17,8 +17,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import padded_batch, tiny_model  # noqa: E402
 
-from hiddenkey_ds.dropout import DropoutConfig  # noqa: E402
-from hiddenkey_ds.objective import HiddenKeyObjective  # noqa: E402
+from hiddenkey_ds.method import DropoutConfig  # noqa: E402
+from hiddenkey_ds.method.objective import HiddenKeyObjective  # noqa: E402
 
 STEPS, GLOBAL_ROWS = 3, 8
 

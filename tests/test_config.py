@@ -12,7 +12,8 @@ import yaml
 
 from hiddenkey_ds.config import RecipeError, load_recipe, reference_markdown
 from hiddenkey_ds.config.reference import reference_rows
-from hiddenkey_ds.ds_config import lr_scheduler_factory, resolve_ds_config
+from hiddenkey_ds.config.deepspeed import resolve_ds_config
+from hiddenkey_ds.training.schedules import lr_scheduler_factory
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny-hiddenkey.yaml"
@@ -354,7 +355,7 @@ def test_local_data_paths_are_checked_before_anything_loads(tmp_path):
 # -- what a resume may change -------------------------------------------------------------------------------------
 
 def test_resume_changes_are_judged_generically():
-    from hiddenkey_ds.checkpoint import recipe_changes
+    from hiddenkey_ds.training.checkpoint import recipe_changes
 
     old = load_recipe(TINY, check_output_dir=False).model_dump(mode="json")
     new = json.loads(json.dumps(old))

@@ -21,7 +21,7 @@ GLUE = REPO.parent / "shared" / "data" / "glue"
 @pytest.fixture(scope="module")
 def tok(builtin_cache):
     """The builtin tiny tokenizer, from the session's builtin cache (shared with test_models.py)."""
-    from hiddenkey_ds.models import load_tokenizer
+    from hiddenkey_ds.models.loading import load_tokenizer
 
     return load_tokenizer(_recipe())
 

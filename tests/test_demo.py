@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from hiddenkey_ds.demo_data import make_rows, write_dataset
+from hiddenkey_ds.experiments.demo_data import make_rows, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hiddenkey_ds.dropout import DropoutConfig, apply_dropout, remove_dropout
+from hiddenkey_ds.method import DropoutConfig, apply_dropout, remove_dropout
 from tiny_models import ARCHS, padded_batch, tiny_model
 
 # A rate so small that nothing is dropped, yet the hiddenkey code path (not the sdpa fallback) runs.

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from hiddenkey_ds.dropout import DropoutConfig, apply_dropout
-from hiddenkey_ds.dropout import attention as attn_mod
-from hiddenkey_ds.dropout.attention import DROPKEY_FILL, _dropkey_mask, _rescale_weights
-from hiddenkey_ds.dropout.masks import attention_keep, hidden_keep, span_length
-from hiddenkey_ds.objective import HiddenKeyObjective
+from hiddenkey_ds.method import DropoutConfig, apply_dropout
+from hiddenkey_ds.method import attention as attn_mod
+from hiddenkey_ds.method.attention import DROPKEY_FILL, _dropkey_mask, _rescale_weights
+from hiddenkey_ds.method.masks import attention_keep, hidden_keep, span_length
+from hiddenkey_ds.method.objective import HiddenKeyObjective
 from tiny_models import padded_batch, tiny_model
 
 HEAVY = {
@@ -305,7 +305,7 @@ def test_model_level_hidden_rate_and_inverted_scale():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_all_dropped_rows_found_by_count_match_direct_check(padded):
-    from hiddenkey_ds.dropout.attention import _rows_without_kept_key
+    from hiddenkey_ds.method.attention import _rows_without_kept_key
 
     torch.manual_seed(0)
     causal = torch.tril(torch.ones(9, 9, dtype=torch.bool))

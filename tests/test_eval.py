@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hiddenkey_ds import evaluate
+from hiddenkey_ds.evaluation import harness as evaluate
 from hiddenkey_ds.data.templates import TEMPLATES, get_template
 from hiddenkey_ds.data.toy import toy_sst2_rows
 
@@ -27,7 +27,7 @@ def _random_adapter(out: Path, seed: int, alpha: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hiddenkey_ds.models import resolve_model_path
+    from hiddenkey_ds.models.loading import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
     torch.manual_seed(seed)
@@ -274,7 +274,7 @@ def test_training_tokens_are_the_tokens_lm_eval_scores():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hiddenkey_ds.data.encoding import split_ids
-    from hiddenkey_ds.models import resolve_model_path
+    from hiddenkey_ds.models.loading import resolve_model_path
 
     path = resolve_model_path("builtin:tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -335,7 +335,7 @@ def test_qlora_run_is_also_scored_on_its_4bit_base(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hiddenkey_ds.models import resolve_model_path
+    from hiddenkey_ds.models.loading import resolve_model_path
 
     ok, why = evaluate.bnb_4bit_supported("cpu")
     if not ok:

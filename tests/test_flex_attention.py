@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hiddenkey_ds.dropout import DropoutConfig, apply_dropout, flex
-from hiddenkey_ds.dropout import attention as attn_mod
-from hiddenkey_ds.dropout.masks import attention_keep
+from hiddenkey_ds.method import DropoutConfig, apply_dropout, flex
+from hiddenkey_ds.method import attention as attn_mod
+from hiddenkey_ds.method.masks import attention_keep
 from tiny_models import padded_batch, tiny_model
 
 pytestmark = [
@@ -185,7 +185,7 @@ def test_model_gradients_through_fused_path_equal_sdpa_path_with_checkpoint_repl
     """LoRA gradients of the HiddenKey objective (dual pass) through the fused path equal the sdpa path's, and
     with gradient checkpointing the recomputed layers replay the same keep-masks into the fused kernel."""
     peft = pytest.importorskip("peft")
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     ids, mask = padded_batch("right", seq=16)
     labels = ids.masked_fill(mask == 0, -100)

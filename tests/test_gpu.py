@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from hiddenkey_ds.dropout import DropoutConfig, flex
-from hiddenkey_ds.dropout import attention as attn_mod
-from hiddenkey_ds.dropout.masks import attention_keep
+from hiddenkey_ds.method import DropoutConfig, flex
+from hiddenkey_ds.method import attention as attn_mod
+from hiddenkey_ds.method.masks import attention_keep
 from tiny_models import padded_batch, tiny_model, tiny_recipe
 
 pytestmark = [
@@ -83,7 +83,7 @@ def _lora_model(dtype, checkpointing=False, layers=4):
 def test_bf16_hiddenkey_step_uses_fused_path_and_matches_sdpa(monkeypatch, grad_mode):
     """A bf16 HiddenKey training step on the device: `auto` takes the fused kernel, and its loss and LoRA
     gradients equal the sdpa path's (same seed, same masks) to bf16 tolerance; AdamW then moves the adapters."""
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     calls = _count_fused(monkeypatch)
     ids, mask = (t.to(DEV) for t in padded_batch("right", batch=3, seq=48))
@@ -115,7 +115,7 @@ def test_bf16_hiddenkey_step_uses_fused_path_and_matches_sdpa(monkeypatch, grad_
 def test_fused_path_gradient_checkpointing_replays_masks():
     """fp32 on the device: with reentrant gradient checkpointing the recomputed layers redraw the same
     keep-masks (device RNG restored by checkpointing) into the fused kernel, so gradients are unchanged."""
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     ids, mask = (t.to(DEV) for t in padded_batch("right", batch=3, seq=40))
     labels = ids.masked_fill(mask == 0, -100)
@@ -134,8 +134,8 @@ def test_qlora_4bit_step_on_cuda(tmp_path, builtin_cache):
     """model.quantization=4bit on CUDA: bitsandbytes quantizes onto this rank's device (device_map), the base
     is Linear4bit, one HiddenKey step gives a finite loss and gradients on the adapters only."""
     bnb = pytest.importorskip("bitsandbytes")
-    from hiddenkey_ds.models import load_model
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.models.loading import load_model
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     recipe = tiny_recipe("model.quantization=4bit", "model.dtype=bf16", "dropout.preset=hiddenkey",
                          f"run.output_dir={tmp_path / 'run'}")

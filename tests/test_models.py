@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hiddenkey_ds import builtin_models
-from hiddenkey_ds.builtin_models import BuiltinModelError, builtin_path, ensure_built
-from hiddenkey_ds.models import ModelLoadError, load_model, resolve_model_path
+from hiddenkey_ds.models import builtin as builtin_models
+from hiddenkey_ds.models.builtin import BuiltinModelError, builtin_path, ensure_built
+from hiddenkey_ds.models.loading import ModelLoadError, load_model, resolve_model_path
 from tiny_models import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]

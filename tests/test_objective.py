@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hiddenkey_ds.dropout import DropoutConfig
-from hiddenkey_ds.objective import HiddenKeyObjective
+from hiddenkey_ds.method import DropoutConfig
+from hiddenkey_ds.method.objective import HiddenKeyObjective
 from tiny_models import padded_batch, tiny_model
 
 

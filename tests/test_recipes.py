@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hiddenkey_ds.config import load_recipe
-from hiddenkey_ds.ds_config import BUILTIN_DS_CONFIGS, DS_CONFIG_DIR, resolve_ds_config
+from hiddenkey_ds.config.deepspeed import BUILTIN_DS_CONFIGS, DS_CONFIG_DIR, resolve_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

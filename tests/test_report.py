@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hiddenkey_ds import report as report_mod
+from hiddenkey_ds.experiments import report as report_mod
 from test_sweep import fabricate_run, tiny_sweep_dir
 
 
@@ -27,7 +27,7 @@ def strict_load(text: str):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from hiddenkey_ds.sweep import load_sweep
+    from hiddenkey_ds.experiments.sweep import load_sweep
 
     path, report = tiny_sweep_dir(tmp_path_factory)
     return [r.run_dir for r in load_sweep(path).runs()], report

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hiddenkey_ds import sweep as sweep_mod
+from hiddenkey_ds.experiments import sweep as sweep_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 # short runs that still give a few curve points; the eval limit keeps lm-eval to seconds
@@ -366,6 +366,6 @@ def test_select_picks_the_grid_setting_by_mean_best_validation_accuracy(tmp_path
 
 
 def report_main(argv: list[str]) -> int:
-    from hiddenkey_ds.report import main
+    from hiddenkey_ds.experiments.report import main
 
     return main(argv)

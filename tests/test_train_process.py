@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from hiddenkey_ds.train import DISTRIBUTED_ENV, eval_command, single_process_env
+from hiddenkey_ds.distributed import DISTRIBUTED_ENV, single_process_env
+from hiddenkey_ds.evaluation.command import eval_command
 
 
 def test_evaluation_after_training_gets_a_single_process_environment():
@@ -19,20 +20,30 @@ def test_evaluation_after_training_gets_a_single_process_environment():
 
 def test_evaluation_after_training_is_the_eval_command_with_the_recipes_settings(tmp_path):
     ev = SimpleNamespace(tasks=["hk_rte", "hk_sst2"], limit=100, batch_size=16)
-    cmd = eval_command(tmp_path, ev)
-    assert cmd[1:] == ["-m", "hiddenkey_ds.cli", "eval", str(tmp_path), "--batch-size", "16", "--tasks",
-                       "hk_rte,hk_sst2", "--limit", "100"]
-    assert eval_command(tmp_path, SimpleNamespace(tasks=[], limit=None, batch_size=8))[4:] == [
-        str(tmp_path), "--batch-size", "8"]
+    cmd = eval_command(tmp_path, tasks=ev.tasks, limit=ev.limit, batch_size=ev.batch_size)
+    assert cmd[1:] == ["-m", "hiddenkey_ds.cli", "eval", str(tmp_path), "--tasks", "hk_rte,hk_sst2", "--limit", "100",
+                       "--batch-size", "16"]
+    assert eval_command(tmp_path, tasks=[], limit=None, batch_size=8)[4:] == [str(tmp_path), "--batch-size", "8"]
 
 
-def test_train_no_longer_imports_the_evaluation_layer():
+def _imports(module) -> set[str]:
     import ast
     import inspect
 
-    import hiddenkey_ds.train as train_module
+    return {alias.name if isinstance(node, ast.Import) else node.module
+            for node in ast.walk(ast.parse(inspect.getsource(module)))
+            if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
 
-    imported = {alias.name if isinstance(node, ast.Import) else node.module
-                for node in ast.walk(ast.parse(inspect.getsource(train_module)))
-                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
-    assert not any(name and (name.startswith("lm_eval") or name == "hiddenkey_ds.evaluate") for name in imported)
+
+def test_the_loop_ends_at_the_adapter_and_evaluation_is_a_separate_process():
+    """The loop imports nothing from evaluation; the entry point starts the evaluation as a command, never
+    lm-eval in-process."""
+    import hiddenkey_ds.train as entry
+    import hiddenkey_ds.training.loop as loop
+
+    assert not any(name and (name.startswith("lm_eval") or name.startswith("hiddenkey_ds.evaluation"))
+                   for name in _imports(loop))
+    entry_imports = _imports(entry)
+    assert "hiddenkey_ds.evaluation.command" in entry_imports
+    assert not any(name and (name.startswith("lm_eval") or name == "hiddenkey_ds.evaluation.harness")
+                   for name in entry_imports)

@@ -168,8 +168,8 @@ def _run_full(out):
 
 def _validation_of(model, recipe, tokenizer, eval_ds):
     from hiddenkey_ds.data import make_collator
-    from hiddenkey_ds.dropout import DropoutConfig
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method import DropoutConfig
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     objective = HiddenKeyObjective(model, DropoutConfig(preset="none")).eval()
     collate = make_collator(tokenizer)
@@ -191,7 +191,7 @@ def _load(run, dtype, trainable=False):
 
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.data import build_datasets
-    from hiddenkey_ds.models import load_tokenizer, resolve_model_path
+    from hiddenkey_ds.models.loading import load_tokenizer, resolve_model_path
 
     recipe = load_recipe(run / "config.yaml", check_output_dir=False)
     tokenizer = load_tokenizer(recipe)
@@ -232,7 +232,7 @@ def test_adapter_saved_under_zero3_reloads_with_peft_and_reproduces_validation(z
 
     # train mode: reloaded as trainable, the recipe's dropout draws masks and every LoRA tensor gets a gradient
     from hiddenkey_ds.data import make_collator
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     recipe, tokenizer, eval_ds, model = _load(run, torch.float32, trainable=True)
     objective = HiddenKeyObjective(model, recipe.dropout).train()

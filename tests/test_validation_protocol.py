@@ -51,7 +51,7 @@ def test_label_noise_flips_exactly_the_fraction_seeded():
 
 def test_build_datasets_uses_the_carved_split_and_reports_it(builtin_cache):
     from hiddenkey_ds.data import build_datasets
-    from hiddenkey_ds.models import load_tokenizer
+    from hiddenkey_ds.models.loading import load_tokenizer
 
     recipe = tiny_recipe("data.validation_from_train=64", "data.label_noise=0.25", "data.max_train_examples=100",
                          "data.max_eval_examples=null")
@@ -83,9 +83,9 @@ def test_best_adapter_is_the_best_validation_step_and_reloads_to_it(tmp_path):
 
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.data import build_datasets, make_collator
-    from hiddenkey_ds.dropout import DropoutConfig
-    from hiddenkey_ds.models import load_tokenizer, resolve_model_path
-    from hiddenkey_ds.objective import HiddenKeyObjective
+    from hiddenkey_ds.method import DropoutConfig
+    from hiddenkey_ds.models.loading import load_tokenizer, resolve_model_path
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
 
     out = tmp_path / "run"
     train("tiny-hiddenkey.yaml", out, "train.max_steps=12", "train.eval_every=2", "train.save_every=null",

@@ -3,7 +3,7 @@
     from hiddenkey_ds.config import load_recipe, RecipeError
     recipe = load_recipe("recipes/tiny-hiddenkey.yaml", ["train.max_steps=5"], world_size=2)
 """
-from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.config.reference import reference_markdown
 from hiddenkey_ds.config.schema import (
     DataSection, EvalSection, LoraSection, ModelSection, Recipe, RunSection, TrainSection,

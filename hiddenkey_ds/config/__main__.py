@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a recipe file is required")
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
-        from hiddenkey_ds.ds_config import resolve_ds_config
+        from hiddenkey_ds.config.deepspeed import resolve_ds_config
 
         ds = resolve_ds_config(recipe, args.world_size or 1, total_steps=recipe.train.max_steps or 1)
     except RecipeError as err:

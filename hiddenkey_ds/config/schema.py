@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hiddenkey_ds.dropout.config import DropoutConfig
+from hiddenkey_ds.method.config import DropoutConfig
 
 
 class _Section(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.config.keys import dotted_location, suggest
 from hiddenkey_ds.config.overrides import RecipeLoader, apply_overrides
 from hiddenkey_ds.config.schema import SECTIONS, Recipe
@@ -129,7 +129,7 @@ def _batch_problems(train: Any, world_size: int | None) -> list[str]:
 def _zero3_problems(run: Any, model: Any) -> list[str]:
     if run is None or model is None:
         return []
-    from hiddenkey_ds.ds_config import load_ds_json, zero_stage
+    from hiddenkey_ds.config.deepspeed import load_ds_json, zero_stage
 
     try:
         stage = zero_stage(load_ds_json(run.deepspeed))
@@ -197,7 +197,7 @@ def _data_path_problems(data: Any) -> list[str]:
 
 
 def _lm_head_problems(lora: Any, dropout: Any, train: Any, data: Any) -> list[str]:
-    """LoRA on the LM head, where the chunked loss head (hiddenkey_ds.objective) applies it with gradient more than
+    """LoRA on the LM head, where the chunked loss head (hiddenkey_ds.method.objective) applies it with gradient more than
     once per forward: twice per chunk in a dual pass that back-propagates through both (consistency_grad=both;
     one_branch runs the second pass's head without grad), once per chunk when a micro-batch can hold more
     supervised tokens than one chunk (ZeRO-3 then also pads every rank to the same number of chunks). Each use adds
@@ -222,7 +222,7 @@ def _lm_head_problems(lora: Any, dropout: Any, train: Any, data: Any) -> list[st
 
 
 def _eval_at_end_problems(run: Any, model: Any, data: Any, ev: Any) -> list[str]:
-    """eval.at_end runs `hiddenkey-ds eval RUN_DIR` (hiddenkey_ds.evaluate) after training, in one process on
+    """eval.at_end runs `hiddenkey-ds eval RUN_DIR` (hiddenkey_ds.evaluation.harness) after training, in one process on
     one device: refuse what it cannot do, before hours of training."""
     if ev is None or not ev.at_end:
         return []
@@ -232,7 +232,7 @@ def _eval_at_end_problems(run: Any, model: Any, data: Any, ev: Any) -> list[str]
         if derived:
             problems.append(derived)
     if run is not None and model is not None and model.quantization == "4bit":  # 8bit + ZeRO-3: refused anyway
-        from hiddenkey_ds.ds_config import load_ds_json, zero_stage
+        from hiddenkey_ds.config.deepspeed import load_ds_json, zero_stage
 
         try:
             stage = zero_stage(load_ds_json(run.deepspeed))
@@ -278,7 +278,7 @@ def _eval_task_problem(data: Any) -> str | None:
 
 
 def _ds_problems(recipe: Recipe, world_size: int | None) -> list[str]:
-    from hiddenkey_ds.ds_config import resolve_ds_config
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
 
     try:
         # the step count of an epochs recipe is unknown before the data is read; any value checks the JSON

@@ -18,7 +18,7 @@ def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Call
     """
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        raise ValueError("the tokenizer has no pad token: load it with hiddenkey_ds.models.load_tokenizer")
+        raise ValueError("the tokenizer has no pad token: load it with hiddenkey_ds.models.loading.load_tokenizer")
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)

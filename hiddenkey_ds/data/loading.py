@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.data.toy import TOY_SST2, toy_sst2_rows
 
 # file suffix -> (datasets builder, extra builder kwargs)

@@ -5,11 +5,11 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.data.checks import missing_value_problems
 from hiddenkey_ds.data.encoding import OK, TOO_LONG, TRUNCATED, encode_pair, split_ids
 from hiddenkey_ds.data.loading import load_splits
-from hiddenkey_ds.data.report import DataReport, SplitReport
+from hiddenkey_ds.data.stats import DataReport, SplitReport
 from hiddenkey_ds.data.templates import get_template
 
 UNLABELLED, INVALID = "unlabelled", "invalid"

@@ -12,7 +12,7 @@ import sys
 
 import torch.distributed as dist
 
-import hiddenkey_ds.checkpoint as checkpoint
+import hiddenkey_ds.training.checkpoint as checkpoint
 from hiddenkey_ds import train
 
 STEP, POINT, VICTIM = int(os.environ["CRASH_STEP"]), os.environ["CRASH_POINT"], int(os.environ.get("CRASH_RANK", "0"))

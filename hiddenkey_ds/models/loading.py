@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hiddenkey_ds.builtin_models import BUILTINS, builtin_path
+from hiddenkey_ds.models.builtin import BUILTINS, builtin_path
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 

@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hiddenkey_ds.dropout import DropoutConfig, apply_dropout, decoder_layers, dropout_handle, unwrap_model
+from hiddenkey_ds.method.apply import apply_dropout, decoder_layers, dropout_handle, unwrap_model
+from hiddenkey_ds.method.config import DropoutConfig
 
 
 class LossOutput(NamedTuple):

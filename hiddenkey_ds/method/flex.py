@@ -154,7 +154,7 @@ def rows_without_kept_key(structure: dict, visible: torch.Tensor | None, keep: t
     k_len = keep.shape[-1]
     real = structure["real"]
     if real is None:  # a general visibility mask: count kept visible keys per row
-        from hiddenkey_ds.dropout.attention import _rows_without_kept_key
+        from hiddenkey_ds.method.attention import _rows_without_kept_key
 
         return _rows_without_kept_key(visible, keep)
     kept = keep[:, :, 0, :] & real[:, None, :]                                 # (B, H, K) kept real keys
@@ -173,7 +173,7 @@ def dropkey_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     (transformers' mask function returns None without padding); `keep`: bool (B, H, 1, K) or None (no
     DropKey: plain masked attention, for comparisons). `compile` defaults to True on CUDA: the fused kernel;
     False runs FlexAttention's eager reference (CPU, forward only)."""
-    from hiddenkey_ds.dropout.attention import DROPKEY_FILL
+    from hiddenkey_ds.method.attention import DROPKEY_FILL
 
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from hiddenkey_ds.config.schema import Recipe
+from hiddenkey_ds.resources import resource_dir
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
+TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
 # builtin datasets of hiddenkey_ds.data with an lm-eval task of their own
 BUILTIN_DATA_TASKS = {"builtin:toy-sst2": "hk_toy_sst2"}
 # adapter kind -> its directory in a run, and the stem of its results file in RUN_DIR/eval
@@ -213,8 +214,8 @@ def _task_of_data(data: Any) -> tuple[list[str], dict[str, str]]:
 
 def model_args(target: Target, adapter: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
     """The HF model arguments, exactly as the stock command gets them (values are strings)."""
-    from hiddenkey_ds.builtin_models import BuiltinModelError
-    from hiddenkey_ds.models import ModelLoadError, resolve_model_path
+    from hiddenkey_ds.models.builtin import BuiltinModelError
+    from hiddenkey_ds.models.loading import ModelLoadError, resolve_model_path
 
     try:
         args: dict[str, Any] = {"pretrained": resolve_model_path(target.base)}
@@ -401,7 +402,7 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
     if target.adapters and target.quantization == "4bit" and quantized != "never":
         ok, why = bnb_4bit_supported(device)
         if ok:
-            from hiddenkey_ds.models import quantization_config
+            from hiddenkey_ds.models.loading import quantization_config
 
             recipe = target.recipe
             if device == "cpu":  # bf16 matmuls are slow on most CPUs; the 4-bit weights are the point

@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hiddenkey_ds.distributed import free_port
+from hiddenkey_ds.evaluation import command
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # method / task names become directory names
 ADAPTER = Literal["final", "best", "both"]
@@ -412,40 +414,23 @@ def selected(run: PlannedRun, only: dict[str, list[str]]) -> bool:
 
 # -- running ------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    # the launcher's default 29500 collides with any other job on the machine
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_command(run: PlannedRun) -> list[str]:
     if run.sweep.ranks == 1:
         return [sys.executable, "-m", "hiddenkey_ds.train", *run.train_args()]
     # --no_local_rank: ranks read LOCAL_RANK from the environment the launcher sets
-    return ["deepspeed", "--num_gpus", str(run.sweep.ranks), "--master_port", str(_free_port()), "--no_local_rank",
+    return ["deepspeed", "--num_gpus", str(run.sweep.ranks), "--master_port", str(free_port()), "--no_local_rank",
             "--module", "hiddenkey_ds.train", *run.train_args()]
 
 
 def eval_command(run_dir: Path, sweep: Sweep, base_only: bool = False, adapter: str | None = None) -> list[str]:
     ev = sweep.eval
-    cmd = [sys.executable, "-m", "hiddenkey_ds.cli", "eval", str(run_dir)]
-    if base_only:
-        cmd.append("--base-only")
-    elif adapter:
-        cmd += ["--adapter", adapter]
-    if ev.get("tasks"):
-        cmd += ["--tasks", ",".join(ev["tasks"])]
-    if ev.get("limit") is not None:
-        cmd += ["--limit", str(ev["limit"])]
-    if ev.get("batch_size"):
-        cmd += ["--batch-size", str(ev["batch_size"])]
-    return cmd
+    return command.eval_command(run_dir, tasks=ev.get("tasks") or (), limit=ev.get("limit"),
+                                batch_size=ev.get("batch_size"), adapter=adapter, base_only=base_only)
 
 
 def missing_evaluations(run_dir: Path, adapter: str | None) -> str | None:
     """The --adapter value that evaluates what a finished run still lacks (None: nothing to do)."""
-    from hiddenkey_ds.evaluate import EvalError, chosen_kinds, results_name
+    from hiddenkey_ds.evaluation.harness import EvalError, chosen_kinds, results_name
 
     try:
         kinds = chosen_kinds(run_dir, adapter)
@@ -533,7 +518,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, only: dict[str, li
         log(f"[sweep] validation selection: {path}")
     if not sweep.report:
         return None
-    from hiddenkey_ds.report import ReportError, write_report
+    from hiddenkey_ds.experiments.report import ReportError, write_report
 
     started = [r for r in every if (r.run_dir / "config.yaml").is_file()]
     try:
@@ -559,7 +544,7 @@ def select(sweep: Sweep, only: dict[str, list[str]] | None = None) -> dict[str, 
     Settings are compared on one set of seeds: those of `only` (seed=...), else every seed that any setting of the
     grid has finished on that task (so a grid stage run with --only seed=0,seed=1 is judged on seeds 0 and 1). A
     setting missing one of them is listed, not chosen."""
-    from hiddenkey_ds.report import ReportError, load_run
+    from hiddenkey_ds.experiments.report import ReportError, load_run
 
     if not sweep.grid_families:
         raise SweepError("this sweep has no grid methods: --select picks among a grid's settings (hint: give a "
@@ -646,7 +631,7 @@ def render_selection(selection: dict[str, Any]) -> str:
 
 
 def write_selection(sweep: Sweep, selection: dict[str, Any]) -> Path:
-    from hiddenkey_ds.report import strict_json
+    from hiddenkey_ds.experiments.report import strict_json
 
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     path = sweep.out_dir / "selection.json"

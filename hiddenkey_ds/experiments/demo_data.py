@@ -93,7 +93,7 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 128, n_dev:
     rows = make_rows(seed, n_train, n_dev, noise)
     for split, name in (("train", "train.jsonl"), ("validation", "dev.jsonl")):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows[split]))
-    info = {"generator": "hiddenkey_ds.demo_data", "seed": seed, "n_train": n_train, "n_dev": n_dev,
+    info = {"generator": "hiddenkey_ds.experiments.demo_data", "seed": seed, "n_train": n_train, "n_dev": n_dev,
             "noise": noise, "flipped_train_labels": sum(r["noisy"] for r in rows["train"]),
             "template": "sst2", "labels": {"0": "negative", "1": "positive"}}
     # .yaml, not .json: the data loader reads every *.json(l) in the directory as a split

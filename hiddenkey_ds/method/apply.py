@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from hiddenkey_ds.dropout import attention
-from hiddenkey_ds.dropout.config import DropoutConfig
-from hiddenkey_ds.dropout.hidden import make_mlp_hook
-from hiddenkey_ds.dropout.masks import SinkTokens
+from hiddenkey_ds.method import attention
+from hiddenkey_ds.method.config import DropoutConfig
+from hiddenkey_ds.method.hidden import make_mlp_hook
+from hiddenkey_ds.method.masks import SinkTokens
 
 _HANDLE_ATTR = "_hiddenkey_handle"
 

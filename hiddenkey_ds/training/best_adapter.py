@@ -33,7 +33,7 @@ class BestAdapter:
         the best so far. Returns whether it was."""
         if not self.enabled or not better(metrics, self.best):
             return False
-        from hiddenkey_ds.checkpoint import save_adapter
+        from hiddenkey_ds.training.checkpoint import save_adapter
 
         self.best = {"step": step, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
                      "adapter": str(self.dir)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hiddenkey_ds.dropout.config import HiddenDropout
-from hiddenkey_ds.dropout.masks import SinkTokens, expected_keep, hidden_keep
+from hiddenkey_ds.method.config import HiddenDropout
+from hiddenkey_ds.method.masks import SinkTokens, expected_keep, hidden_keep
 
 
 def make_mlp_hook(spec: HiddenDropout, sink: SinkTokens | None = None):

@@ -29,7 +29,7 @@ def _value(v: Any) -> str:
 
 def check_run_dir(recipe: Recipe) -> RunDirState:
     """What the run directory holds and whether this recipe may continue it."""
-    from hiddenkey_ds.checkpoint import checkpoint_root, latest_checkpoint, recipe_changes
+    from hiddenkey_ds.training.checkpoint import checkpoint_root, latest_checkpoint, recipe_changes
 
     run_dir = Path(recipe.run.output_dir)
     if (run_dir / FINISHED_MARKER).exists():
@@ -73,8 +73,8 @@ def check_model(recipe: Recipe) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hiddenkey_ds.builtin_models import BuiltinModelError
-    from hiddenkey_ds.models import ModelLoadError, lora_config, resolve_model_path
+    from hiddenkey_ds.models.builtin import BuiltinModelError
+    from hiddenkey_ds.models.loading import ModelLoadError, lora_config, resolve_model_path
 
     m = recipe.model
     try:

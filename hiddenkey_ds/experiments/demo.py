@@ -1,13 +1,13 @@
 """`hiddenkey-ds demo`: plain LoRA vs. HiddenKey on SmolLM2-135M-Instruct, offline, on CPU, in minutes.
 
-1. generates the demo task (hiddenkey_ds.demo_data: seeded restaurant reviews, a small training split with
+1. generates the demo task (hiddenkey_ds.experiments.demo_data: seeded restaurant reviews, a small training split with
    flipped labels so that overfitting can show) into OUT/data;
 2. trains recipes/demo-lora.yaml and recipes/demo-hiddenkey.yaml, each with 2 ranks under ZeRO-2 through the
    `deepspeed` launcher;
 3. evaluates both adapters and the base model with lm-eval (task hk_sst2_local on OUT/data);
 4. writes the report (Markdown + PNGs) to OUT/report and prints its path.
 
-It is a sweep (hiddenkey_ds.sweep) with one task and one seed: re-running it skips what is finished and resumes
+It is a sweep (hiddenkey_ds.experiments.sweep) with one task and one seed: re-running it skips what is finished and resumes
 what was interrupted. `--lora-recipe/--hiddenkey-recipe` swap in bigger recipes (GPU users; their own data).
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from hiddenkey_ds.sweep import Method, Sweep, SweepError, run_sweep
+from hiddenkey_ds.resources import resource_dir
+from hiddenkey_ds.experiments.sweep import Method, Sweep, SweepError, run_sweep
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = resource_dir("recipes")
 DEMO_TASK = "reviews"
 # --quick: the same path with fewer steps and a shorter lm-eval, to prove it end to end in CI
 QUICK = ["train.max_steps=6", "train.eval_every=3", "train.log_every=1", "train.save_every=3",
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     data_overrides: list[str] = []
     task = DEMO_TASK if own_recipes else _recipe_task(args.lora_recipe)
     if own_recipes:
-        from hiddenkey_ds.demo_data import write_dataset
+        from hiddenkey_ds.experiments.demo_data import write_dataset
 
         if not args.dry_run:
             write_dataset(out / "data")  # deterministic: rewriting it on a re-run changes nothing
@@ -100,7 +101,7 @@ def _prebuild_models(recipes: list[Path]) -> None:
     """Build builtin:* models here, once, before any launcher: ranks then only read the finished cache."""
     import yaml
 
-    from hiddenkey_ds.models import resolve_model_path
+    from hiddenkey_ds.models.loading import resolve_model_path
 
     for name in sorted({(yaml.safe_load(r.read_text()).get("model") or {}).get("name", "") for r in recipes}):
         if name.startswith("builtin:"):

@@ -17,9 +17,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hiddenkey_ds.dropout import flex
-from hiddenkey_ds.dropout.config import REBUILD_MASK_BYTES, DropoutConfig
-from hiddenkey_ds.dropout.masks import SinkTokens, attention_keep, expected_keep
+from hiddenkey_ds.method import flex
+from hiddenkey_ds.method.config import REBUILD_MASK_BYTES, DropoutConfig
+from hiddenkey_ds.method.masks import SinkTokens, attention_keep, expected_keep
 
 ATTN_NAME = "hiddenkey"
 CONFIG_ATTR = "_hiddenkey_dropout"

@@ -128,7 +128,7 @@ def method_label(recipe: Recipe | dict[str, Any]) -> str:
 
     Describes a run; reports group by the sweep's method name (run.label) and use this only for runs without one.
     """
-    from hiddenkey_ds.dropout.config import DropoutConfig
+    from hiddenkey_ds.method.config import DropoutConfig
 
     if isinstance(recipe, dict):
         cfg = DropoutConfig(**(recipe.get("dropout") or {}))
@@ -149,7 +149,7 @@ def method_label(recipe: Recipe | dict[str, Any]) -> str:
 
 
 def _task_of(recipe: Recipe) -> str:
-    from hiddenkey_ds.evaluate import EvalError, tasks_for_recipe
+    from hiddenkey_ds.evaluation.harness import EvalError, tasks_for_recipe
 
     try:
         return tasks_for_recipe(recipe)[0][0]
@@ -168,7 +168,7 @@ def _read_json(path: Path) -> Any:
 def load_run(path: str | Path, label: str | None = None, variant: str | None = None) -> Run:
     """One run directory; `label` (a sweep's method name) overrides the recipe's run.label; `variant` is the
     sweep's task name."""
-    from hiddenkey_ds.evaluate import EvalError, read_run_recipe
+    from hiddenkey_ds.evaluation.harness import EvalError, read_run_recipe
 
     p = Path(path)
     if not (p / "config.yaml").is_file():
@@ -812,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs: list[str | Path] = list(args.runs)
         out = args.out or "report"
         if args.sweep:
-            from hiddenkey_ds.sweep import SweepError, load_sweep
+            from hiddenkey_ds.experiments.sweep import SweepError, load_sweep
 
             try:
                 sweep = load_sweep(args.sweep)

@@ -91,7 +91,7 @@ def _build_outside_distributed(build: Callable[[Path], dict], directory: Path) -
 
     if not (dist.is_available() and dist.is_initialized()):
         return build(directory)
-    code = ("import json, sys; from pathlib import Path; import hiddenkey_ds.builtin_models as b; "
+    code = ("import json, sys; from pathlib import Path; import hiddenkey_ds.models.builtin as b; "
             "print(json.dumps(getattr(b, sys.argv[1])(Path(sys.argv[2]))))")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

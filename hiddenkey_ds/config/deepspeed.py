@@ -10,12 +10,10 @@ The optimizer is DeepSpeed's own block: ``AdamW`` with ``torch_adam`` (torch.opt
 fused/CPU Adam kernels are not available (no CUDA device), DeepSpeed's kernels otherwise (``train.torch_adam``
 overrides).
 
-The LR schedule is ``lr_scheduler_factory``, handed to ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed
-steps it at every optimizer step and saves it in checkpoints like its own. DeepSpeed's Warmup* schedulers
-cannot express the recipe's schedules exactly: they force at least 2 warmup steps, start at iteration -1
-(the first step runs at lr 0 and the schedule lags a step), and WarmupDecayLR decays only the span
-max - min, so "no warmup, then linear decay" comes out as a constant lr. A ``"scheduler"`` block in the JSON
-is therefore refused.
+The LR schedule is not DeepSpeed's: it is transformers' (hiddenkey_ds.training.schedules), handed to
+``deepspeed.initialize(lr_scheduler=...)``. DeepSpeed's Warmup* schedulers cannot express the recipe's schedules
+exactly (at least 2 warmup steps, a first step at lr 0, and WarmupDecayLR decays only the span max - min), so a
+``"scheduler"`` block in the JSON is refused.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hiddenkey_ds.config.errors import RecipeError
+from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.resources import resource_dir
 
 DS_CONFIG_DIR = resource_dir("ds_configs")  # the checkout's ds_configs/, or the copy a wheel ships
@@ -141,31 +139,3 @@ def resolve_ds_config(recipe: Any, world_size: int, total_steps: int | None = No
     if problems:
         raise RecipeError(problems)
     return ds
-
-
-def lr_multiplier(train: Any, total_steps: int):
-    """step -> lr / train.lr for the optimizer step `step` (0 = first): linear warmup from 0 over
-    `warmup` steps (none: full lr at once), then linear decay to 0, cosine decay to 0, or constant."""
-    import math
-
-    warmup = train.warmup_steps(total_steps)
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if train.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if train.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return multiplier
-
-
-def lr_scheduler_factory(recipe: Any, total_steps: int):
-    """For ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed calls it with the optimizer it built."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    multiplier = lr_multiplier(recipe.train, total_steps)
-    return lambda optimizer: LambdaLR(optimizer, multiplier)

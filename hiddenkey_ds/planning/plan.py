@@ -12,7 +12,7 @@ benchmarks/plan_vs_measured.py do, on CPU):
   one recomputed layer;
 * HiddenKey's costs: the dual pass runs [x; x] as one forward (2x tokens), and DropKey hands sdpa an additive
   (batch, heads, seq, seq) logit mask per layer that sdpa keeps for backward;
-* the chunked supervised loss head (hiddenkey_ds.objective): one checkpointed chunk of logits at a time;
+* the chunked supervised loss head (hiddenkey_ds.method.objective): one checkpointed chunk of logits at a time;
 * framework overhead: DeepSpeed's gradient buckets, the CUDA context + NCCL, allocator fragmentation.
 
 `estimate(PlanConfig) -> MemoryPlan` is pure (no torch import); `main(argv)` is the CLI.
@@ -24,8 +24,8 @@ import itertools
 import sys
 from dataclasses import dataclass, field, replace
 
-from hiddenkey_ds.dropout.config import REBUILD_MASK_BYTES
-from hiddenkey_ds.model_shapes import LINEAR_MODULES, ModelShape, resolve_shape
+from hiddenkey_ds.method.config import REBUILD_MASK_BYTES
+from hiddenkey_ds.models.shapes import LINEAR_MODULES, ModelShape, resolve_shape
 
 GIB = 1024**3
 
@@ -97,7 +97,7 @@ class PlanConfig:
     memory_efficient_linear: bool = True
     param_persistence_threshold: int = 100_000
     ds_config_name: str | None = None
-    rebuild_mask_bytes: int = REBUILD_MASK_BYTES  # hiddenkey_ds.dropout's rule (a parameter so probes can move it)
+    rebuild_mask_bytes: int = REBUILD_MASK_BYTES  # hiddenkey_ds.method's rule (a parameter so probes can move it)
 
     def __post_init__(self) -> None:
         checks = {
@@ -142,10 +142,10 @@ class PlanConfig:
         return self.key_dropout or self.attention_dropout or self.hidden_dropout
 
     def dropout_layer_indices(self) -> list[int]:
-        """The decoder layers hiddenkey_ds.dropout applies dropout to (DropoutConfig.layer_indices' rule)."""
+        """The decoder layers hiddenkey_ds.method applies dropout to (DropoutConfig.layer_indices' rule)."""
         if not self.dropout_active:
             return []
-        from hiddenkey_ds.dropout.config import DropoutConfig
+        from hiddenkey_ds.method.config import DropoutConfig
 
         spec = list(self.dropout_layers) if isinstance(self.dropout_layers, tuple) else self.dropout_layers
         return DropoutConfig(layers=spec).layer_indices(self.shape.layers)
@@ -250,7 +250,7 @@ def dropout_mask_bytes(cfg: PlanConfig) -> int:
 
 def dropkey_rebuilds_mask(cfg: PlanConfig, sequences: int | None = None) -> bool:
     """Whether DropKey builds its mask inside a checkpoint (rebuilt in backward) or lets sdpa keep it: the
-    rule of hiddenkey_ds.dropout.attention, on one layer's (sequences, heads, S, S) mask; `sequences` defaults to
+    rule of hiddenkey_ds.method.attention, on one layer's (sequences, heads, S, S) mask; `sequences` defaults to
     the rows a layer with dropout runs with grad."""
     if not cfg.key_dropout or cfg.attention_dropout:
         return False
@@ -261,7 +261,7 @@ def dropkey_rebuilds_mask(cfg: PlanConfig, sequences: int | None = None) -> bool
 
 
 def keep_mask_bytes(cfg: PlanConfig, sequences: int, pattern: str) -> int:
-    """One layer's bool attention keep-mask (hiddenkey_ds.dropout.masks.attention_keep): a bit per logit for
+    """One layer's bool attention keep-mask (hiddenkey_ds.method.masks.attention_keep): a bit per logit for
     `element`, per key for `column` and `span`."""
     per_row = cfg.seq_len ** 2 if pattern == "element" else cfg.seq_len
     return sequences * cfg.shape.heads * per_row
@@ -669,11 +669,11 @@ def suggest_fix(cfg: PlanConfig) -> Suggestion | None:
 
 def shape_for(name: str) -> ModelShape:
     """model.name -> shape. builtin: models read their cached build's config.json when one exists (plan never
-    builds a model: that takes minutes), else their definition in hiddenkey_ds.builtin_models / the table."""
-    from hiddenkey_ds.model_shapes import shape_from_config
+    builds a model: that takes minutes), else their definition in hiddenkey_ds.models.builtin / the table."""
+    from hiddenkey_ds.models.shapes import shape_from_config
 
     if name.startswith("builtin:"):
-        from hiddenkey_ds import builtin_models as bm
+        from hiddenkey_ds.models import builtin as bm
 
         if name not in bm.BUILTINS:
             raise ValueError(f"unknown builtin model {name!r}; known: {', '.join(bm.BUILTINS)}")
@@ -814,7 +814,7 @@ def main(argv: list[str]) -> int:
             print(f"hiddenkey-ds plan: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     from hiddenkey_ds.config import RecipeError, load_recipe
-    from hiddenkey_ds.ds_config import resolve_ds_config
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
 
     world = args.nodes * args.gpus_per_node
     try:
@@ -825,7 +825,7 @@ def main(argv: list[str]) -> int:
         if args.config:
             import json
 
-            from hiddenkey_ds.model_shapes import shape_from_config
+            from hiddenkey_ds.models.shapes import shape_from_config
 
             with open(args.config) as f:
                 shape = shape_from_config(json.load(f), args.config)
