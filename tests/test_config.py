@@ -277,14 +277,16 @@ def test_ds_json_conflicting_with_recipe_is_an_error(tmp_path):
     assert "leaves zero_optimization.mystery=\"auto\"" in problems[2]
 
 
-def test_every_key_is_documented_and_in_the_readme():
+def test_every_key_is_documented_and_in_the_recipes_page():
     rows = reference_rows()
     undocumented = [key for key, _, _, meaning in rows if not meaning]
     assert undocumented == []
-    readme = (REPO / "README.md").read_text()
-    start, end = readme.index("<!-- section:training -->"), readme.index("<!-- /section:training -->")
-    assert reference_markdown() in readme[start:end], (
-        "README key reference is stale: regenerate it with `python -m hiddenkey_ds.config --reference`"
+    page = (REPO / "docs" / "recipes.md").read_text()
+    start = page.index("<!-- generated:recipe-key-reference -->") + len("<!-- generated:recipe-key-reference -->")
+    end = page.index("<!-- /generated:recipe-key-reference -->")
+    assert page[start:end].strip() == reference_markdown().strip(), (
+        "docs/recipes.md key reference is stale: paste the output of `python -m hiddenkey_ds.config --reference` "
+        "between its generated:recipe-key-reference markers"
     )
 
 
