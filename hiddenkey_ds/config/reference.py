@@ -1,4 +1,4 @@
-"""The recipe key reference (README) generated from the schema, so docs and code cannot drift apart."""
+"""The recipe key reference (docs/recipes.md) generated from the schema, so docs and code cannot drift apart."""
 from __future__ import annotations
 
 import types

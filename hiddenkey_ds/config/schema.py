@@ -1,8 +1,8 @@
 """The recipe schema: every key a recipe may set, its type, default and meaning.
 
 Each section is a pydantic model with ``extra="forbid"`` so that a misspelt key is an error, never a silently
-ignored setting. Field descriptions are the user documentation: the README key reference is generated from
-them (``hiddenkey_ds.config.reference_markdown``).
+ignored setting. Field descriptions are the user documentation: the key reference in docs/recipes.md is
+generated from them (``hiddenkey_ds.config.reference_markdown``).
 
 Checks that need only one field live here (types, ranges, allowed values); checks across sections or against
 the outside world (world size, the DeepSpeed JSON, the output directory) live in ``validate.py``.
