@@ -46,10 +46,10 @@ def make_batch(args, regime):
     return ids, torch.ones_like(ids), labels
 
 
-def naive_kl_loss(model, ids, mask, labels, alpha=1.0):
-    """What a first implementation does: full logits for both passes, KL over every position then masked."""
-    batch = ids.shape[0]
-    logits = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask])).logits.float()[:, :-1]
+def naive_dual_pass_loss(logits, labels, batch, alpha=1.0):
+    """What a first implementation does: full logits of both passes (rows [x; x]), CE of each pass and the
+    bidirectional KL over every position, then masked to the supervised ones."""
+    logits = logits.float()[:, :-1]
     y, sup = labels[:, 1:], labels[:, 1:] != -100
     logp = F.log_softmax(logits, -1)
     ce = -(logp[:batch].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
@@ -57,6 +57,11 @@ def naive_kl_loss(model, ids, mask, labels, alpha=1.0):
     p1, p2 = logp[:batch].exp(), logp[batch:].exp()
     kl = (0.5 * ((p1 - p2) * (logp[:batch] - logp[batch:])).sum(-1))[sup].mean()
     return ce + alpha * kl
+
+
+def naive_kl_loss(model, ids, mask, labels, alpha=1.0):
+    logits = model(input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask])).logits
+    return naive_dual_pass_loss(logits, labels, ids.shape[0], alpha)
 
 
 MODES = [  # (name, DropoutConfig overrides); preset none is the 1.00x reference
@@ -152,12 +157,7 @@ def head_memory(variant, batch, seq, hidden, vocab, supervised, chunk_tokens=102
         (total / t.numel()).backward()
 
     def naive():
-        logits = lm_head(h).float()[:, :-1]
-        logp = F.log_softmax(logits, -1)
-        ce = -(logp[:batch].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()
-               + logp[batch:].gather(-1, y.clamp(min=0)[..., None])[..., 0][sup].mean()) / 2
-        p1, p2 = logp[:batch].exp(), logp[batch:].exp()
-        (ce + (0.5 * ((p1 - p2) * (logp[:batch] - logp[batch:])).sum(-1))[sup].mean()).backward()
+        naive_dual_pass_loss(lm_head(h), labels, batch).backward()
 
     return allocated_peak_bytes(chunked if variant == "chunked" else naive) / 2**20
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from hiddenkey_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
@@ -49,12 +50,6 @@ RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
 # difference (one token more or less in a step's mean, a schedule one step off, another clipping: 1e-3 and up).
 # bf16 rounds every matmul to 8 bits of mantissa: 2e-2 there.
 LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe_overrides(args, out_dir: Path) -> list[str]:
@@ -196,7 +191,7 @@ def ours_worker(argv: list[str]) -> int:
 # -------------------------------------------------------------------------------------------- the driver
 def _launch(cmd_tail: list[str], ranks: int, timeout: float) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           f"--master_port={_free_port()}", *cmd_tail]
+           f"--master_port={free_port()}", *cmd_tail]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}

@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from hiddenkey_ds.distributed import free_port  # noqa: E402  (after the checkout is on sys.path)
+
 GIB = 2**30
 SECTIONS = ("steps", "kernel", "qlora", "zero")
 RECIPE = ROOT / "recipes" / "tiny-lora.yaml"   # every run and plan: this recipe + dropout.preset=... overrides
@@ -584,7 +586,7 @@ def section_zero(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path, 
     for stage in ("zero2", "zero3"):
         out = tmp / stage
         overrides = [*run_overrides(env, mdir, out, steps), f"run.deepspeed={stage}"]
-        cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), "--module", "hiddenkey_ds.train",
+        cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "hiddenkey_ds.train",
                str(RECIPE), *overrides]
         if shutil.which("deepspeed") is None:
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]]
@@ -613,7 +615,7 @@ def section_zero(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path, 
                        status="ok" if worst <= tol else "FAIL"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from hiddenkey_ds.distributed import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -14,12 +15,6 @@ FAKES = REPO / "tests" / "fakes"
 # ZeRO-3 that partitions every tensor of the tiny model (ds_configs/zero3.json keeps tensors below 100,000
 # elements whole, i.e. all of them), re-gathers at every use and reduces in small buckets
 ZERO3_PARTITIONED = REPO / "tests" / "ds_configs" / "zero3_partitioned.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(recipe: str, out_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,

@@ -31,20 +31,16 @@ def _named(function, name: str):
 
 
 def find_split_files(data_dir: str | os.PathLike) -> dict[str, Path]:
-    """{"train": path, "validation": path} in `data_dir`, named as training names them (dev.* = validation)."""
-    from hiddenkey_ds.data.loading import BUILDERS, canonical_split
+    """{"train": path, "validation": path} in `data_dir`: the files training reads (hiddenkey_ds.data.loading)."""
+    from hiddenkey_ds.data.loading import BUILDERS, split_files
 
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {str(root)!r} does not exist (resolved to {root.resolve()})")
-    found: dict[str, Path] = {}
-    for path in sorted(root.iterdir()):
-        split = canonical_split(path.stem)
-        if path.suffix not in BUILDERS or split not in ("train", "validation") or not path.is_file():
-            continue
-        if split in found:
-            raise ValueError(f"{root}: two files for split {split!r}: {found[split].name} and {path.name}; keep one")
-        found[split] = path
+    try:
+        found = {split: path for split, path in split_files(root).items() if split in ("train", "validation")}
+    except ValueError as err:
+        raise ValueError(f"{err}; keep one") from None
     if "validation" not in found:
         raise FileNotFoundError(
             f"{root}: no validation file (validation.*, dev.*, val.* or valid.* with a suffix in "

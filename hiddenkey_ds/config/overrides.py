@@ -1,7 +1,6 @@
 """`a.b.c=value` command-line overrides, applied to the raw recipe mapping before validation."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
@@ -9,30 +8,15 @@ import yaml
 from hiddenkey_ds.config.keys import check_key
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; recipes and overrides mean the number."""
-
-
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
 def parse_value(text: str) -> Any:
-    """A YAML scalar or flow collection: `3e-4`, `true`, `null`, `[q_proj, v_proj]`, `{a: 1}`."""
+    """A YAML scalar or flow collection: `0.1`, `true`, `null`, `[q_proj, v_proj]`, `{a: 1}`.
+
+    YAML 1.1 reads `3e-4` (no dot) as the string "3e-4"; no custom resolver for it: the schema's float fields
+    coerce such strings (pydantic's lax mode), which tests/test_config.py checks for recipes and overrides."""
     if text.strip() == "":
         return None
     try:
-        return yaml.load(text, Loader=RecipeLoader)
+        return yaml.safe_load(text)
     except yaml.YAMLError:
         return text  # not YAML (e.g. `a: b` in a path): keep the string, the schema judges it
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.config.keys import dotted_location, suggest
-from hiddenkey_ds.config.overrides import RecipeLoader, apply_overrides
+from hiddenkey_ds.config.overrides import apply_overrides
 from hiddenkey_ds.config.schema import SECTIONS, Recipe
 
 FINISHED_MARKER = "summary.json"  # written last by the loop: its presence means the run is finished
@@ -65,7 +65,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist (hint: recipes live in recipes/*.yaml)")
     try:
-        raw = yaml.load(path.read_text(), Loader=RecipeLoader)
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
     if raw is None:

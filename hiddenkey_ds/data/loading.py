@@ -39,17 +39,17 @@ def _load_file(path: Path, split: str):
         raise RecipeError(f"data.path: cannot read {path} as {builder}: {type(err).__name__}: {err}") from err
 
 
-def _split_files(directory: Path) -> dict[str, Path]:
+def split_files(directory: Path) -> dict[str, Path]:
+    """{split: file} for the data files in `directory`, splits named canonically (dev.* = validation). Training
+    and the local lm-eval tasks (eval/tasks/utils.py) find their files here, so both read the same ones.
+    Raises ValueError when two files name one split."""
     files: dict[str, Path] = {}
     for path in sorted(directory.iterdir()):
         if path.suffix not in BUILDERS or not path.is_file():
             continue
         split = canonical_split(path.stem)
         if split in files:
-            raise RecipeError(
-                f"data.path: {directory} holds two files for split {split!r}: {files[split].name} and {path.name} "
-                "(hint: keep one, or point data.path at a file)"
-            )
+            raise ValueError(f"{directory} holds two files for split {split!r}: {files[split].name} and {path.name}")
         files[split] = path
     return files
 
@@ -62,59 +62,76 @@ def _missing_split(split: str, available: list[str], where: str, key: str) -> Re
 
 def load_splits(data: Any) -> dict[str, Any]:
     """{"train": Dataset, "eval": Dataset or None} for a recipe's `data` section."""
+    # role -> (split name, the recipe key that names it, for error messages)
     wanted = {"train": (canonical_split(data.train_split), "data.train_split")}
     # a validation split carved from the training data replaces the evaluation split in the loop
     if data.eval_split is not None and not getattr(data, "validation_from_train", None):
         wanted["eval"] = (canonical_split(data.eval_split), "data.eval_split")
     out: dict[str, Any] = {"train": None, "eval": None}
-
     if data.eval_path is not None:
-        eval_file = Path(data.eval_path).expanduser()
-        if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
-            raise RecipeError(
-                f"data.eval_path: {data.eval_path!r} is not a {'/'.join(BUILDERS)} file"
-            )
-        out["eval"] = _load_file(eval_file, "validation")
+        out["eval"] = _load_eval_file(data.eval_path)
         wanted.pop("eval", None)
 
     path = data.path
     if path == TOY_SST2:
-        import datasets
-
-        for role, (split, key) in wanted.items():
-            try:
-                out[role] = datasets.Dataset.from_list(toy_sst2_rows(split))
-            except KeyError:
-                raise _missing_split(split, ["train", "validation"], TOY_SST2, key) from None
-        return out
+        return _load_toy(wanted, out)
     if path is not None and path.startswith("builtin:"):
         raise RecipeError(f"data.path: unknown builtin dataset {path!r} (known: {TOY_SST2})")
-
     local = Path(path).expanduser() if path is not None else None
     if local is not None and local.is_dir():
-        files = _split_files(local)
-        for role, (split, key) in wanted.items():
-            if split not in files:
-                raise _missing_split(split, sorted(files), str(local), key)
-            out[role] = _load_file(files[split], split)
-        return out
+        return _load_directory(local, wanted, out)
     if local is not None and local.is_file():
-        if local.suffix not in BUILDERS:
-            raise RecipeError(f"data.path: {path} has an unknown suffix (hint: one of {', '.join(BUILDERS)})")
-        out["train"] = _load_file(local, "train")
-        if "eval" in wanted:
-            raise RecipeError(
-                f"data.eval_split: data.path is the single file {path}, which holds only training data "
-                "(hint: set data.eval_path=FILE for evaluation, point data.path at a directory with "
-                "train.* and dev.*/validation.*, or set data.eval_split=null)"
-            )
-        return out
+        return _load_single_file(local, path, wanted, out)
     if path is not None and looks_local(path):
         raise RecipeError(
             f"data.path: {path!r} does not exist (relative paths are relative to the working directory "
             f"{Path.cwd()}) (hint: check the path; GLUE copies look like ../shared/data/glue/RTE)"
         )
     return _load_hub(data, wanted, out)
+
+
+def _load_eval_file(eval_path: str):
+    eval_file = Path(eval_path).expanduser()
+    if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
+        raise RecipeError(f"data.eval_path: {eval_path!r} is not a {'/'.join(BUILDERS)} file")
+    return _load_file(eval_file, "validation")
+
+
+def _load_toy(wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+    import datasets
+
+    for role, (split, key) in wanted.items():
+        try:
+            out[role] = datasets.Dataset.from_list(toy_sst2_rows(split))
+        except KeyError:
+            raise _missing_split(split, ["train", "validation"], TOY_SST2, key) from None
+    return out
+
+
+def _load_directory(local: Path, wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+    try:
+        files = split_files(local)
+    except ValueError as err:
+        raise RecipeError(f"data.path: {err} (hint: keep one, or point data.path at a file)") from None
+    for role, (split, key) in wanted.items():
+        if split not in files:
+            raise _missing_split(split, sorted(files), str(local), key)
+        out[role] = _load_file(files[split], split)
+    return out
+
+
+def _load_single_file(local: Path, path: str, wanted: dict[str, tuple[str, str]],
+                      out: dict[str, Any]) -> dict[str, Any]:
+    if local.suffix not in BUILDERS:
+        raise RecipeError(f"data.path: {path} has an unknown suffix (hint: one of {', '.join(BUILDERS)})")
+    out["train"] = _load_file(local, "train")
+    if "eval" in wanted:
+        raise RecipeError(
+            f"data.eval_split: data.path is the single file {path}, which holds only training data "
+            "(hint: set data.eval_path=FILE for evaluation, point data.path at a directory with "
+            "train.* and dev.*/validation.*, or set data.eval_split=null)"
+        )
+    return out
 
 
 def _load_hub(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:

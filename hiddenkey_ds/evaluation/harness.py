@@ -83,12 +83,11 @@ def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     import yaml
     from pydantic import ValidationError
 
-    from hiddenkey_ds.config.overrides import RecipeLoader
     from hiddenkey_ds.config.validate import format_validation_errors
 
     path = Path(run_dir) / "config.yaml"
     try:
-        raw = yaml.load(path.read_text(), Loader=RecipeLoader)
+        raw = yaml.safe_load(path.read_text())
     except OSError as err:
         raise EvalError(f"{run_dir} is not a run directory: cannot read {path} ({err.strerror}) (hint: give the "
                         "directory a training run wrote, the one holding config.yaml and adapter/)") from None

@@ -324,11 +324,10 @@ def _recipe_problems(sweep: Sweep) -> list[str]:
 
 def load_sweep(path: str | Path, check_recipes: bool = True) -> Sweep:
     """Read and validate a sweep file; one SweepError lists every problem (nothing is run or written)."""
-    from hiddenkey_ds.config.overrides import RecipeLoader
 
     p = Path(path)
     try:
-        raw = yaml.load(p.read_text(), Loader=RecipeLoader)
+        raw = yaml.safe_load(p.read_text())
     except OSError as err:
         raise SweepError(f"cannot read sweep file {p}: {err.strerror} (hint: sweep files live in "
                          "recipes/sweeps/)") from None

@@ -11,11 +11,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hiddenkey_ds.config import RecipeError, load_recipe
+from hiddenkey_ds.config import FINISHED_MARKER, RecipeError, load_recipe
 from hiddenkey_ds.distributed import free_port, is_rank_zero, launcher_world_size
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
 from hiddenkey_ds.training.run_log import RunLogger, all_reduce_cpu
@@ -128,6 +129,26 @@ class Outcome:
     eval_section: object = None
 
 
+@dataclass
+class Session:
+    """One training run between start-up and the final adapter: what every step reads and a checkpoint stores."""
+    recipe: Any
+    run_dir: Path
+    engine: Any
+    model: Any
+    batches: Any  # MicroBatchStream: this rank's micro-batches with a checkpointable position
+    collate: Any
+    eval_ds: Any
+    total_steps: int
+    log: RunLogger
+    best: Any  # BestAdapter
+    step: int = 0  # optimizer steps done
+
+    def checkpoint_state(self) -> dict:
+        return {"step": self.step, "data": self.batches.state_dict(), "best": self.best.state(),
+                "elapsed_s": self.log.elapsed()}
+
+
 def train(recipe_path: str, overrides: list[str]) -> Outcome:
     # Everything that can be checked without torch.distributed, DeepSpeed, the weights or the data comes first:
     # a bad recipe, model or run directory then fails in seconds, before any process group or file exists.
@@ -136,32 +157,43 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     state = check_run_dir(recipe)
     if state.finished:
         if is_rank_zero():
-            print(f"{run_dir} holds a finished run (summary.json); nothing to do")
+            print(f"{run_dir} holds a finished run ({FINISHED_MARKER}); nothing to do")
         return Outcome(run_dir, evaluate_at_end=False)
     check_model(recipe)
 
-    import deepspeed
-
-    from hiddenkey_ds.training.best_adapter import BestAdapter
-    from hiddenkey_ds.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-    from hiddenkey_ds.data import build_datasets, make_collator, make_sampler
-    from hiddenkey_ds.data.batching import MicroBatchStream
-    from hiddenkey_ds.config.deepspeed import resolve_ds_config
-    from hiddenkey_ds.training.schedules import lr_scheduler_factory
-    from hiddenkey_ds.models.loading import load_model, load_tokenizer
-    from hiddenkey_ds.method.objective import HiddenKeyObjective
+    from hiddenkey_ds.data import build_datasets
+    from hiddenkey_ds.models.loading import load_tokenizer
 
     # the data needs no process group either: its problems (columns, empty rows, splits) come before one exists
     tokenizer = load_tokenizer(recipe)
     train_ds, eval_ds, data_report = build_datasets(recipe, tokenizer)
 
     init_distributed()
+    if dist.get_world_size() != launcher_world_size():  # a launcher that announced no world size: check it now
+        recipe = load_recipe(recipe_path, overrides, world_size=dist.get_world_size())
+    session = start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report)
+    run_steps(session)
+    finish(session)
+    return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and dist.get_rank() == 0, eval_section=recipe.eval)
+
+
+def start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report) -> Session:
+    """The DeepSpeed engine over the method's objective, this rank's data stream, the run log; resumed from the
+    run directory's last complete checkpoint when there is one."""
+    import deepspeed
+
+    from hiddenkey_ds.config.deepspeed import resolve_ds_config
+    from hiddenkey_ds.data import make_collator, make_sampler
+    from hiddenkey_ds.data.batching import MicroBatchStream
+    from hiddenkey_ds.method.objective import HiddenKeyObjective
+    from hiddenkey_ds.models.loading import load_model
+    from hiddenkey_ds.training.best_adapter import BestAdapter
+    from hiddenkey_ds.training.schedules import lr_scheduler_factory
+
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world != launcher_world_size():  # a launcher that announced no world size: check the batch arithmetic now
-        recipe = load_recipe(recipe_path, overrides, world_size=world)
+    run_dir, t = Path(recipe.run.output_dir), recipe.train
     collate = make_collator(tokenizer)
     sampler = make_sampler(train_ds, world, rank, recipe.run.seed, recipe.data.shuffle)
-    t = recipe.train
     if steps_per_epoch(sampler, t.micro_batch_size, t.grad_accum) == 0:
         raise RecipeError([f"data: {len(train_ds)} training examples make no optimizer step of "
                            f"{t.global_batch(world)} examples (hint: lower train.micro_batch_size or train.grad_accum)"])
@@ -180,35 +212,43 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     torch.manual_seed(recipe.run.seed + rank)  # masks: independent across ranks, repeatable across runs
     log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
     log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
-    batches = MicroBatchStream(train_ds, sampler, collate, t.micro_batch_size)
-    step = 0  # optimizer steps done
-    best = BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None)
+    session = Session(recipe, run_dir, engine, model, MicroBatchStream(train_ds, sampler, collate, t.micro_batch_size),
+                      collate, eval_ds, total_steps, log, BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None))
     if state.resume_from is not None:
-        client = load_checkpoint(engine, state.resume_from)
-        step = client["step"]
-        # checkpoints before MicroBatchStream stored (epoch, consumed) instead of the stream's own position
-        batches.load_state_dict(client.get("data") or {"epoch": client["epoch"], "index": client["consumed"]})
-        best.best = client.get("best")
-        log.resume_clock(client.get("elapsed_s"))
-        log.truncate_after(step)
-        if rank == 0 and state.safe_changes:
-            write_resolved_recipe(run_dir, recipe)  # evaluation and reports read the settings in use now
-            log.info("resumed with changed settings: " + ", ".join(
-                f"{key} {old!r} -> {new!r}" for key, old, new in state.safe_changes))
-        log.info(f"resumed from {state.resume_from} at step {step}")
+        resume(session, state)
     else:
         log.start(recipe, ds_config, data_report, model)
     partitioned = zero3_partition_line(model)
     if partitioned:
         log.info(partitioned)
+    return session
 
-    def checkpoint_state() -> dict:
-        return {"step": step, "data": batches.state_dict(), "best": best.state(), "elapsed_s": log.elapsed()}
 
+def resume(s: Session, state) -> None:
+    from hiddenkey_ds.training.checkpoint import load_checkpoint
+
+    client = load_checkpoint(s.engine, state.resume_from)
+    s.step = client["step"]
+    # checkpoints before MicroBatchStream stored (epoch, consumed) instead of the stream's own position
+    s.batches.load_state_dict(client.get("data") or {"epoch": client["epoch"], "index": client["consumed"]})
+    s.best.best = client.get("best")
+    s.log.resume_clock(client.get("elapsed_s"))
+    s.log.truncate_after(s.step)
+    if dist.get_rank() == 0 and state.safe_changes:
+        write_resolved_recipe(s.run_dir, s.recipe)  # evaluation and reports read the settings in use now
+        s.log.info("resumed with changed settings: " + ", ".join(
+            f"{key} {old!r} -> {new!r}" for key, old, new in state.safe_changes))
+    s.log.info(f"resumed from {state.resume_from} at step {s.step}")
+
+
+def run_steps(s: Session) -> None:
+    from hiddenkey_ds.training.checkpoint import save_checkpoint
+
+    t, world, engine = s.recipe.train, dist.get_world_size(), s.engine
     engine.train()
-    window = log.new_window()
-    while step < total_steps:
-        group = [next(batches) for _ in range(t.grad_accum)]
+    window = s.log.new_window()
+    while s.step < s.total_steps:
+        group = [next(s.batches) for _ in range(t.grad_accum)]
         normalizer = global_token_normalizer(group, world)
         lr = engine.get_lr()[0]  # the lr this optimizer step uses (the scheduler advances after it)
         for batch in group:
@@ -216,30 +256,38 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
             engine.backward(out.loss)
             engine.step()
             window.add(out, batch, normalizer)
-        step += 1
+        s.step += 1
 
-        if step % t.log_every == 0 or step == total_steps:
-            log.train_line(step, window.reduce(), lr)
-            window = log.new_window()
-        if eval_ds is not None and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            metrics = validation_metrics(engine, eval_ds, collate, t.micro_batch_size)
-            log.eval_line(step, metrics)
-            best.consider(model, step, metrics)
-        if t.save_every and step % t.save_every == 0 and step < total_steps:
-            save_checkpoint(engine, run_dir, step, checkpoint_state(), t.keep_checkpoints)
-    log.close_progress()
+        last = s.step == s.total_steps
+        if s.step % t.log_every == 0 or last:
+            s.log.train_line(s.step, window.reduce(), lr)
+            window = s.log.new_window()
+        if s.eval_ds is not None and t.eval_every and s.step % t.eval_every == 0 and not last:
+            metrics = validation_metrics(engine, s.eval_ds, s.collate, t.micro_batch_size)
+            s.log.eval_line(s.step, metrics)
+            s.best.consider(s.model, s.step, metrics)
+        if t.save_every and s.step % t.save_every == 0 and not last:
+            save_checkpoint(engine, s.run_dir, s.step, s.checkpoint_state(), t.keep_checkpoints)
+    s.log.close_progress()
 
-    final_eval = validation_metrics(engine, eval_ds, collate, t.micro_batch_size) if eval_ds is not None else None
-    if final_eval is not None:
-        log.eval_line(step, final_eval)
-        best.consider(model, step, final_eval)
-    save_checkpoint(engine, run_dir, step, checkpoint_state(), t.keep_checkpoints)
-    save_adapter(model, run_dir / "adapter", meta={"kind": "final", "step": step})
-    if rank == 0:
-        log.finish(step, final_eval, best.state())
+
+def finish(s: Session) -> None:
+    """Final validation, the last checkpoint, the PEFT adapter, then summary.json (written last: a run with it is
+    finished and never overwritten)."""
+    from hiddenkey_ds.training.checkpoint import save_adapter, save_checkpoint
+
+    t = s.recipe.train
+    final_eval = None
+    if s.eval_ds is not None:
+        final_eval = validation_metrics(s.engine, s.eval_ds, s.collate, t.micro_batch_size)
+        s.log.eval_line(s.step, final_eval)
+        s.best.consider(s.model, s.step, final_eval)
+    save_checkpoint(s.engine, s.run_dir, s.step, s.checkpoint_state(), t.keep_checkpoints)
+    save_adapter(s.model, s.run_dir / "adapter", meta={"kind": "final", "step": s.step})
+    if dist.get_rank() == 0:
+        s.log.finish(s.step, final_eval, s.best.state())
     dist.barrier()
     dist.destroy_process_group()
-    return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and rank == 0, eval_section=recipe.eval)
 
 
 def write_resolved_recipe(run_dir: Path, recipe) -> None:
