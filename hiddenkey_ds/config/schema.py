@@ -252,7 +252,8 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    at_end: bool = Field(True, description="run lm-eval on the final adapter when training ends")
+    at_end: bool = Field(True, description="when training ends, run `hiddenkey-ds eval RUN_DIR` as its own process "
+                         "(lm-eval on the final adapter, and on adapter_best/ when kept)")
     tasks: list[str] = Field(default_factory=list, description="lm-eval task names; empty = the training task's")
     limit: int | float | None = Field(None, gt=0, description="lm-eval limit: examples per task, or a fraction if < 1")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size")
