@@ -205,7 +205,7 @@ def plan_gib(env: Env, shape: Shape, overrides: list[str], layers: int | None = 
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.config.deepspeed import resolve_ds_config
     from hiddenkey_ds.models.shapes import ModelShape, shape_from_config
-    from hiddenkey_ds.planning.plan import config_from_recipe, estimate
+    from hiddenkey_ds.planning import config_from_recipe, estimate
 
     recipe = load_recipe(RECIPE, overrides, world_size=1, check_output_dir=False)
     ds = resolve_ds_config(recipe, 1, total_steps=recipe.train.max_steps or 10)

@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from hiddenkey_ds.distributed import free_port  # noqa: E402
 from hiddenkey_ds.models.shapes import BUILTIN_SHAPES, ModelShape  # noqa: E402,F401  (ModelShape: tests build probes)
-from hiddenkey_ds.planning.plan import MemoryPlan, PlanConfig, estimate  # noqa: E402
+from hiddenkey_ds.planning import MemoryPlan, PlanConfig, estimate  # noqa: E402
 
 MIB = 1024**2
 TINY_RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
@@ -82,7 +82,7 @@ def plan_config(spec: Spec, world: int) -> PlanConfig:
     """The planner's view of a Spec, from the same recipe + resolved DeepSpeed config the worker trains with."""
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.config.deepspeed import resolve_ds_config
-    from hiddenkey_ds.planning.plan import config_from_recipe
+    from hiddenkey_ds.planning import config_from_recipe
 
     recipe = load_recipe(TINY_RECIPE, recipe_overrides(spec), world_size=world, check_output_dir=False)
     ds = resolve_ds_config(recipe, world, total_steps=2)
@@ -322,12 +322,6 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
 
 # -- the driver --------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]:
     """Run `specs` in fresh sets of `world` rank processes, ZeRO-3 ones apart (see _measure_one), smaller
     models first; one dict per spec with every rank's numbers, in the order given."""
@@ -342,7 +336,7 @@ def measure(specs: list[Spec], world: int = 2, timeout: int = 900) -> list[dict]
 
 
 def _measure_group(specs: list[Spec], world: int, timeout: int) -> list[dict]:
-    port = str(_free_port())
+    port = str(free_port())
     payload = json.dumps([asdict(s) for s in specs])
     env_common = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
                   "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",

@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "report": ("hiddenkey_ds.experiments.report", "Markdown report + PNG figures comparing runs"),
     "sweep": ("hiddenkey_ds.experiments.sweep", "run a grid of methods x seeds x tasks, then report"),
     "demo": ("hiddenkey_ds.experiments.demo", "offline end-to-end demo: LoRA vs HiddenKey on SmolLM2-135M"),
-    "plan": ("hiddenkey_ds.planning.plan", "estimate per-GPU memory of a recipe before queueing it"),
+    "plan": ("hiddenkey_ds.planning.cli", "estimate per-GPU memory of a recipe before queueing it"),
 }
 
 # The package's bad-input exceptions, by module: each is caught only if its module was imported (a subcommand

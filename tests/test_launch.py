@@ -8,12 +8,13 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hiddenkey_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch.sh"
@@ -21,12 +22,6 @@ FAKES = Path(__file__).resolve().parent / "fakes"
 TINY = ROOT / "recipes" / "tiny-lora.yaml"
 # an argument no shell layer may touch: spaces, quotes, $, glob, backslash, semicolon
 NASTY = "data.note=a b 'c' \"d\" $HOME * \\ ;x"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

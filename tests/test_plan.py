@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hiddenkey_ds.models.shapes import BUILTIN_SHAPES, lookup, resolve_shape
-from hiddenkey_ds.planning.plan import GIB, PlanConfig, estimate, lora_param_count, main, suggest_fix
+from hiddenkey_ds.planning import GIB, PlanConfig, estimate, lora_param_count, suggest_fix
+from hiddenkey_ds.planning.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -142,7 +143,7 @@ def test_dropkey_element_mask_is_planned_per_logit():
     # a recipe's pattern reaches the planner
     from hiddenkey_ds.config import load_recipe
     from hiddenkey_ds.config.deepspeed import resolve_ds_config
-    from hiddenkey_ds.planning.plan import config_from_recipe
+    from hiddenkey_ds.planning import config_from_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-lora.yaml", ["dropout.preset=dropkey", "dropout.attention.rate=0.1",
                                                                "dropout.attention.pattern=span"], check_output_dir=False)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Pattern = Literal["element", "column", "span"]
 
 # DropKey masks above this size (per layer, bytes) are rebuilt in backward rather than kept for it: the memory
-# planner (hiddenkey_ds/planning/plan.py) models the same rule, so it lives here, importable without torch.
+# planner (hiddenkey_ds/planning/memory.py) models the same rule, so it lives here, importable without torch.
 REBUILD_MASK_BYTES = 64 * 2**20
 Consistency = Literal["none", "kl", "js"]
 ConsistencyGrad = Literal["one_branch", "both"]

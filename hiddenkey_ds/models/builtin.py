@@ -59,10 +59,14 @@ def _is_complete(directory: Path, version: int) -> bool:
     return info.get("version") == version
 
 
+def _build_dir(name: str, version: int) -> Path:
+    return cache_root() / "models" / f"{name}-v{version}"
+
+
 def ensure_built(name: str, version: int, build: Callable[[Path], dict]) -> Path:
     """The cached directory of builtin ``name``, building it with ``build(tmp_dir)`` if needed."""
-    root = cache_root() / "models"
-    final = root / f"{name}-v{version}"
+    final = _build_dir(name, version)
+    root = final.parent
     if _is_complete(final, version):
         return final
     with _file_lock(root / ".locks" / f"{name}.lock"):
@@ -239,8 +243,26 @@ BUILTINS: dict[str, tuple[str, int, Callable[[Path], dict]]] = {
 }
 
 
-def builtin_path(name: str) -> Path:
+def _known(name: str) -> tuple[str, int, Callable[[Path], dict]]:
     if name not in BUILTINS:
         raise BuiltinModelError(f"unknown builtin model {name!r}; known: {', '.join(BUILTINS)}")
-    directory, version, build = BUILTINS[name]
+    return BUILTINS[name]
+
+
+def builtin_path(name: str) -> Path:
+    directory, version, build = _known(name)
     return ensure_built(directory, version, build)
+
+
+def builtin_config(name: str) -> dict | None:
+    """The transformers config (a config.json dict) of builtin ``name``, without building it (that takes
+    minutes): the cached build's config.json when a complete build of the current version is there, else
+    tiny-llama's definition in this module; None for a model that only its build describes (SmolLM2 before its
+    first build). For tools that read a model's shape and nothing else, such as the memory planner."""
+    directory, version, _ = _known(name)
+    built = _build_dir(directory, version)
+    if _is_complete(built, version) and (built / "config.json").is_file():
+        return json.loads((built / "config.json").read_text())
+    if name == "builtin:tiny-llama":
+        return {**TINY_CONFIG, "vocab_size": TINY_VOCAB}
+    return None
