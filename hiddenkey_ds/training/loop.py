@@ -171,10 +171,11 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     init_distributed()
     if dist.get_world_size() != launcher_world_size():  # a launcher that announced no world size: check it now
         recipe = load_recipe(recipe_path, overrides, world_size=dist.get_world_size())
+    rank = dist.get_rank()  # finish() leaves the process group
     session = start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report)
     run_steps(session)
     finish(session)
-    return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and dist.get_rank() == 0, eval_section=recipe.eval)
+    return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and rank == 0, eval_section=recipe.eval)
 
 
 def start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report) -> Session:
