@@ -32,7 +32,7 @@ CHECKPOINT_COMPLETE = "COMPLETE"  # inside checkpoints/step_N/, written last by 
 SUMMARY = "summary.json"
 FINISHED_MARKER = SUMMARY  # the loop writes it last: its presence means the run is finished
 EVAL = "eval"
-LOGS = "logs"
+LOGS = "logs"  # launch.sh writes it (per-node and per-rank logs)
 
 # adapter kind -> its directory; the final one always exists in a finished run, the best one only with validation
 ADAPTER_DIRS = {"final": "adapter", "best": "adapter_best"}
@@ -59,7 +59,3 @@ def is_run_dir(path: str | Path) -> bool:
 
 def is_finished(path: str | Path) -> bool:
     return (Path(path) / FINISHED_MARKER).is_file()
-
-
-def has_adapter(path: str | Path, kind: str) -> bool:
-    return (Path(path) / ADAPTER_DIRS[kind] / ADAPTER_CONFIG).is_file()

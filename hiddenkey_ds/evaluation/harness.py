@@ -30,8 +30,7 @@ from typing import Any
 from hiddenkey_ds.config.schema import EvalSection, Recipe
 from hiddenkey_ds.resources import resource_dir
 from hiddenkey_ds.run_dir import (
-    ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, has_adapter, is_finished, is_run_dir,
-    results_name,
+    ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished, is_run_dir, results_name,
 )
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
@@ -114,7 +113,7 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def available_adapters(run_dir: Path) -> list[str]:
     """Adapter kinds a run directory holds, final first."""
-    return [k for k in ADAPTER_DIRS if has_adapter(run_dir, k)]
+    return [k for k, d in ADAPTER_DIRS.items() if (run_dir / d / ADAPTER_CONFIG).is_file()]
 
 
 def chosen_kinds(run_dir: Path, choice: str | None) -> list[str]:
