@@ -11,20 +11,22 @@ import hiddenkey_ds
 
 PACKAGE = Path(hiddenkey_ds.__file__).resolve().parent
 
-# layer -> the layers it may import (besides itself). Top-level modules: errors, resources and distributed are
-# the foundation; cli and train are entry points.
+# layer -> the layers it may import (besides itself). Top-level modules: errors, resources, distributed and run_dir
+# are the foundation; cli and train are entry points. run_dir (the run directory's names) is open to every layer
+# but the method, which does no I/O and imports nothing of the package.
+FOUNDATION = {"errors", "resources", "distributed", "run_dir"}
 ALLOWED = {
-    "errors": set(), "resources": set(), "distributed": set(),
+    **{name: set() for name in FOUNDATION},
     "method": set(),
-    "data": {"errors"},
-    "config": {"errors", "resources", "method", "data"},
-    "models": {"errors", "data"},
-    "training": {"errors", "resources", "distributed", "method", "data", "config", "models"},
-    "evaluation": {"errors", "resources", "distributed", "data", "config", "models"},
-    "planning": {"errors", "resources", "method", "config", "models"},
-    "experiments": {"errors", "resources", "distributed", "method", "data", "config", "models", "evaluation"},
-    "train": {"errors", "distributed", "config", "models", "training", "evaluation"},
-    "cli": {"distributed"},
+    "data": {"errors", "run_dir"},
+    "config": {"errors", "resources", "run_dir", "method", "data"},
+    "models": {"errors", "run_dir", "data"},
+    "training": FOUNDATION | {"method", "data", "config", "models"},
+    "evaluation": FOUNDATION | {"data", "config", "models"},
+    "planning": {"errors", "resources", "run_dir", "method", "config", "models"},
+    "experiments": FOUNDATION | {"method", "data", "config", "models", "evaluation"},
+    "train": {"errors", "distributed", "run_dir", "config", "models", "training", "evaluation"},
+    "cli": {"distributed", "run_dir"},
 }
 
 

@@ -12,8 +12,7 @@ from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.config.keys import dotted_location, suggest
 from hiddenkey_ds.config.overrides import apply_overrides
 from hiddenkey_ds.config.schema import SECTIONS, Recipe
-
-FINISHED_MARKER = "summary.json"  # written last by the loop: its presence means the run is finished
+from hiddenkey_ds.run_dir import FINISHED_MARKER
 
 _RATE_HINT = "a rate is a drop probability in [0, 1); 0 switches that dropout off"
 _TYPE_NAMES = {

@@ -13,7 +13,7 @@ accuracy on the run's validation split; absent when the run had none). Results l
   base.json                the base model alone (--base-only): the "before" row of a report
 Each file is the dict `lm_eval.simple_evaluate` returns (keys results, versions, n-shot, configs, config, ...,
 without per-sample logs) plus a "hiddenkey_ds" block: base, adapter, adapter_kind (final|best), step, tasks,
-limit, batch_size, quantization, command.
+limit, batch_size, quantization, stock_command (the file names: hiddenkey_ds.run_dir).
 """
 from __future__ import annotations
 
@@ -27,25 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hiddenkey_ds.config.schema import Recipe
+from hiddenkey_ds.config.schema import EvalSection, Recipe
 from hiddenkey_ds.resources import resource_dir
+from hiddenkey_ds.run_dir import (
+    ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished, is_run_dir, results_name,
+)
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
 # builtin datasets of hiddenkey_ds.data with an lm-eval task of their own
 BUILTIN_DATA_TASKS = {"builtin:toy-sst2": "hk_toy_sst2"}
-# adapter kind -> its directory in a run, and the stem of its results file in RUN_DIR/eval
-ADAPTER_DIRS = {"final": "adapter", "best": "adapter_best"}
-RESULT_STEMS = {"final": "results", "best": "results_best"}
 ADAPTER_CHOICES = ("final", "best", "both")
 
 
 class EvalError(RuntimeError):
     pass
-
-
-def results_name(kind: str | None, quantized: bool = False) -> str:
-    """File name of an adapter kind's results (kind None: an adapter outside a run, stored as results.json)."""
-    return f"{RESULT_STEMS[kind or 'final']}{'_4bit' if quantized else ''}.json"
 
 
 @dataclass
@@ -68,7 +63,7 @@ class Target:
         return next(iter(self.adapters.values()), None)
 
     def step_of(self, kind: str | None) -> int | None:
-        """The optimizer step the adapter of `kind` was saved at, from summary.json."""
+        """The optimizer step the adapter of `kind` was saved at, from the run's summary."""
         summary = self.summary or {}
         if kind == "final":
             return summary.get("steps")
@@ -79,30 +74,34 @@ class Target:
 
 def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     """A run's config.yaml through the recipe schema: defaults come from the schema, so a run written before a
-    field existed still loads. Raises EvalError naming every problem."""
+    field existed still loads. Raises EvalError naming every problem.
+
+    Not load_recipe: its start-up checks (batch arithmetic, DeepSpeed JSON, data paths) judge a run about to
+    start, and a finished run must stay readable after its data moved or a DeepSpeed config changed."""
     import yaml
     from pydantic import ValidationError
 
     from hiddenkey_ds.config.validate import format_validation_errors
 
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
         raise EvalError(f"{run_dir} is not a run directory: cannot read {path} ({err.strerror}) (hint: give the "
-                        "directory a training run wrote, the one holding config.yaml and adapter/)") from None
+                        f"directory a training run wrote, the one holding {CONFIG} and {ADAPTER_DIRS['final']}/)"
+                        ) from None
     except yaml.YAMLError as err:
         raise EvalError(f"{path} is not valid YAML: {err}") from None
     try:
         return Recipe.model_validate(raw if isinstance(raw, dict) else {})
     except ValidationError as err:
         problems = "\n".join(f"  - {p}" for p in format_validation_errors(err))
-        raise EvalError(f"{path} is not a valid resolved recipe:\n{problems}\n(hint: config.yaml is written by "
+        raise EvalError(f"{path} is not a valid resolved recipe:\n{problems}\n(hint: {CONFIG} is written by "
                         "the training loop; a hand-edited or foreign file must follow the recipe schema)") from None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY
     if not path.is_file():
         return None
     try:
@@ -113,14 +112,13 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def available_adapters(run_dir: Path) -> list[str]:
     """Adapter kinds a run directory holds, final first."""
-    return [k for k, d in ADAPTER_DIRS.items() if (run_dir / d / "adapter_config.json").is_file()]
+    return [k for k, d in ADAPTER_DIRS.items() if (run_dir / d / ADAPTER_CONFIG).is_file()]
 
 
 def chosen_kinds(run_dir: Path, choice: str | None) -> list[str]:
     """The adapter kinds `--adapter choice` evaluates in a run directory (None: both when the best exists)."""
     have = available_adapters(run_dir)
-    summary_hint = "" if (run_dir / "summary.json").is_file() else \
-        " (the run has no summary.json: it has not finished; resume it first)"
+    summary_hint = "" if is_finished(run_dir) else f" (the run has no {SUMMARY}: it has not finished; resume it first)"
     if choice is None:
         if "final" not in have:
             raise EvalError(f"{run_dir}: no final adapter at {run_dir / ADAPTER_DIRS['final']}{summary_hint}")
@@ -145,24 +143,24 @@ def resolve_target(path_or_name: str, base: str | None = None, base_only: bool =
     if base_only and adapter is not None:
         raise EvalError("--base-only evaluates the model without any adapter: drop --adapter")
     p = Path(path_or_name).expanduser()
-    if (p / "config.yaml").is_file():
+    if is_run_dir(p):
         recipe = read_run_recipe(p)
         kinds = [] if base_only else chosen_kinds(p, adapter)
         adapters = {k: (p / ADAPTER_DIRS[k]).resolve() for k in kinds}
         return Target(base or recipe.model.name, adapters, p.resolve(), recipe, read_summary(p))
-    if (p / "adapter_config.json").is_file():
+    if (p / ADAPTER_CONFIG).is_file():
         if adapter not in (None, "final"):
             raise EvalError(f"{p} is a single adapter, not a run directory: --adapter {adapter} needs a run's "
                             f"{ADAPTER_DIRS['best']}/ (hint: pass the run directory, or drop --adapter)")
-        adapter_base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        adapter_base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         chosen = base or adapter_base
         if not chosen:
-            raise EvalError(f"{p}/adapter_config.json names no base model (hint: pass --base MODEL)")
+            raise EvalError(f"{p}/{ADAPTER_CONFIG} names no base model (hint: pass --base MODEL)")
         return Target(chosen, {} if base_only else {None: p.resolve()})
     if base_only:
         return Target(path_or_name)
     raise EvalError(
-        f"{path_or_name!r} is neither a run directory (config.yaml) nor a PEFT adapter (adapter_config.json) "
+        f"{path_or_name!r} is neither a run directory ({CONFIG}) nor a PEFT adapter ({ADAPTER_CONFIG}) "
         "(hint: to evaluate a model without adapter use --base-only)"
     )
 
@@ -357,8 +355,22 @@ def primary_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+@dataclass
+class Job:
+    """One evaluation: a results file, the adapter kind it scores (None: the base model or a lone adapter) and the
+    HF model arguments (with a quantization config for a 4-bit base, which the stock CLI cannot express)."""
+
+    name: str
+    kind: str | None
+    margs: dict[str, Any]
+
+    @property
+    def quantized(self) -> bool:
+        return "quantization_config" in self.margs
+
+
 def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: float | None = None,
-             batch_size: int = 8, *, base_only: bool = False, base: str | None = None,
+             batch_size: int | None = None, *, base_only: bool = False, base: str | None = None,
              data_dirs: dict[str, str] | None = None, device: str | None = None,
              out_dir: str | os.PathLike | None = None, dtype: str | None = None, quantized: str = "auto",
              adapter: str | None = None, log=print) -> list[Path]:
@@ -366,11 +378,44 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
 
     `run_dir` is a run directory, an adapter directory or (base_only) a model name. `adapter` picks a run's
     adapters: final (results.json), best (results_best.json), both; None = both when the run kept adapter_best/.
-    `data_dirs` maps metadata keys of the local tasks (e.g. {"rte_dir": ...}) to directories. `quantized`:
-    "auto" also scores a QLoRA adapter on its 4-bit base when bitsandbytes runs here, "never" skips that,
-    "require" fails if it cannot.
+    `batch_size` None: the run's eval.batch_size, else the schema's default. `data_dirs` maps metadata keys of the
+    local tasks (e.g. {"rte_dir": ...}) to directories. `quantized`: "auto" also scores a QLoRA adapter on its
+    4-bit base when bitsandbytes runs here, "never" skips that, "require" fails if it cannot.
     """
     target = resolve_target(str(run_dir), base=base, base_only=base_only, adapter=adapter)
+    tasks, metadata = _tasks_and_metadata(target, tasks, data_dirs)
+    out = _results_dir(target, out_dir)
+    if batch_size is None:
+        batch_size = (target.recipe.eval if target.recipe is not None else EvalSection()).batch_size
+    device = device or default_device()
+    jobs = _plan_jobs(target, dtype, device, quantized, log)
+
+    from lm_eval.utils import make_table
+
+    written = []
+    for job in jobs:
+        stock = None if job.quantized else stock_command(job.margs, tasks, metadata, limit, batch_size, device)
+        _announce(job, tasks, stock, log)
+        started = time.time()
+        outcome = _run_job(job, tasks, metadata, limit, batch_size, device, quantized, log)
+        if outcome is None:
+            continue
+        results, facts = outcome
+        results["hiddenkey_ds"] = {
+            **_provenance(target, job, tasks, metadata, limit, batch_size, device, stock),
+            "seconds": round(time.time() - started, 1), **facts,
+        }
+        path = out / job.name
+        _write(results, path)
+        log(make_table(results))
+        log(f"[eval] wrote {path}")
+        written.append(path)
+    return written
+
+
+def _tasks_and_metadata(target: Target, tasks: list[str] | None,
+                        data_dirs: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """The lm-eval tasks (given, else the run's) and their metadata (the run's data directory, then --data-dir)."""
     metadata: dict[str, str] = {}
     if target.recipe is not None:
         try:
@@ -382,76 +427,81 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
             tasks = list(tasks or derived)  # named tasks still get the run's data directory
     if not tasks:
         raise EvalError("no run recipe to take the tasks from (hint: pass --tasks, e.g. --tasks hk_rte)")
-    tasks = list(tasks)
     metadata.update({k: str(Path(v).expanduser().resolve()) for k, v in (data_dirs or {}).items()})
-    if out_dir is None:
-        if target.run_dir is None:
-            raise EvalError("an adapter or model outside a run directory needs a place for its results "
-                            "(hint: pass --out DIR)")
-        out_dir = target.run_dir / "eval"
-    out_dir = Path(out_dir)
-    device = device or default_device()
+    return list(tasks), metadata
 
-    # (file name, adapter kind, model args); the base model alone when no adapter is chosen
-    jobs: list[tuple[str, str | None, dict[str, Any]]] = []
+
+def _results_dir(target: Target, out_dir: str | os.PathLike | None) -> Path:
+    if out_dir is not None:
+        return Path(out_dir)
+    if target.run_dir is None:
+        raise EvalError("an adapter or model outside a run directory needs a place for its results "
+                        "(hint: pass --out DIR)")
+    return target.run_dir / EVAL
+
+
+def _plan_jobs(target: Target, dtype: str | None, device: str, quantized: str, log) -> list[Job]:
+    """Every adapter on the full-precision base (the base alone when there is none), then a QLoRA run's adapters on
+    their 4-bit base as trained."""
     if not target.adapters:
-        jobs.append(("base.json", None, model_args(target, None, dtype)))
-    for kind, path in target.adapters.items():
-        jobs.append((results_name(kind), kind, model_args(target, path, dtype)))
-    if target.adapters and target.quantization == "4bit" and quantized != "never":
-        ok, why = bnb_4bit_supported(device)
-        if ok:
-            from hiddenkey_ds.models.loading import quantization_config
+        return [Job(BASE_RESULTS, None, model_args(target, None, dtype))]
+    jobs = [Job(results_name(kind), kind, model_args(target, path, dtype)) for kind, path in target.adapters.items()]
+    if target.quantization == "4bit" and quantized != "never":
+        jobs += _quantized_jobs(target, dtype, device, quantized, log)
+    return jobs
 
-            recipe = target.recipe
-            if device == "cpu":  # bf16 matmuls are slow on most CPUs; the 4-bit weights are the point
-                recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "fp32"})})
-            quant = quantization_config(recipe)
-            for kind, path in target.adapters.items():
-                jobs.append((results_name(kind, quantized=True), kind,
-                             {**model_args(target, path, dtype), "quantization_config": quant}))
-        elif quantized == "require":
+
+def _quantized_jobs(target: Target, dtype: str | None, device: str, quantized: str, log) -> list[Job]:
+    ok, why = bnb_4bit_supported(device)
+    if not ok:
+        if quantized == "require":
             raise EvalError(f"4-bit evaluation requested but bitsandbytes cannot run 4-bit on {device}: {why} "
                             "(hint: --quantized auto skips it, or evaluate on a CUDA device)")
-        else:
-            log(f"[eval] skipping the 4-bit evaluation of this QLoRA adapter: bitsandbytes on {device}: {why}")
+        log(f"[eval] skipping the 4-bit evaluation of this QLoRA adapter: bitsandbytes on {device}: {why}")
+        return []
+    from hiddenkey_ds.models.loading import quantization_config
 
-    from lm_eval.utils import make_table
+    recipe = target.recipe
+    if device == "cpu":  # bf16 matmuls are slow on most CPUs; the 4-bit weights are the point
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "fp32"})})
+    quant = quantization_config(recipe)
+    return [Job(results_name(kind, quantized=True), kind,
+                {**model_args(target, path, dtype), "quantization_config": quant})
+            for kind, path in target.adapters.items()]
 
-    written = []
-    for name, kind, args in jobs:
-        quantized_job = "quantization_config" in args
-        stock = None if quantized_job else stock_command(args, tasks, metadata, limit, batch_size, device)
-        log(f"[eval] {name}: base={args['pretrained']} adapter={args.get('peft', '-')} tasks={','.join(tasks)}")
-        if stock:
-            log(f"[eval] stock equivalent: {stock}")
-        started = time.time()
-        if quantized_job and quantized == "auto":
-            try:
-                results, facts = _evaluate(args, tasks, metadata, limit, batch_size, device)
-            except (AssertionError, RuntimeError, ValueError, NotImplementedError, ImportError) as err:
-                # bitsandbytes' CPU and older-GPU kernels reject some shapes/dtypes only when they run
-                log(f"[eval] skipping the 4-bit evaluation: bitsandbytes failed on {device}: "
-                    f"{type(err).__name__}: {err} (--quantized require makes this an error)")
-                continue
-        else:
-            results, facts = _evaluate(args, tasks, metadata, limit, batch_size, device)
-        summary_best = (target.summary or {}).get("best") if kind == "best" else None
-        results["hiddenkey_ds"] = {
-            "base": target.base, "pretrained": args["pretrained"],
-            "adapter": args.get("peft"), "adapter_kind": kind, "step": target.step_of(kind),
-            "best_validation": summary_best,
-            "run_dir": str(target.run_dir) if target.run_dir else None,
-            "tasks": tasks, "task_metadata": metadata, "limit": limit, "batch_size": batch_size, "device": device,
-            "quantization": "4bit" if quantized_job else "none",
-            "stock_command": stock, "seconds": round(time.time() - started, 1), **facts,
-        }
-        path = out_dir / name
-        _write(results, path)
-        log(make_table(results))
-        log(f"[eval] wrote {path}")
-        written.append(path)
-    return written
+
+def _announce(job: Job, tasks: list[str], stock: str | None, log) -> None:
+    log(f"[eval] {job.name}: base={job.margs['pretrained']} adapter={job.margs.get('peft', '-')} "
+        f"tasks={','.join(tasks)}")
+    if stock:
+        log(f"[eval] stock equivalent: {stock}")
+
+
+def _run_job(job: Job, tasks: list[str], metadata: dict[str, str], limit: float | None, batch_size: int,
+             device: str, quantized: str, log) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(results, facts), or None when `--quantized auto` lets a 4-bit evaluation that bitsandbytes refuses go."""
+    if not (job.quantized and quantized == "auto"):
+        return _evaluate(job.margs, tasks, metadata, limit, batch_size, device)
+    try:
+        return _evaluate(job.margs, tasks, metadata, limit, batch_size, device)
+    except (AssertionError, RuntimeError, ValueError, NotImplementedError, ImportError) as err:
+        # bitsandbytes' CPU and older-GPU kernels reject some shapes/dtypes only when they run
+        log(f"[eval] skipping the 4-bit evaluation: bitsandbytes failed on {device}: "
+            f"{type(err).__name__}: {err} (--quantized require makes this an error)")
+        return None
+
+
+def _provenance(target: Target, job: Job, tasks: list[str], metadata: dict[str, str], limit: float | None,
+                batch_size: int, device: str, stock: str | None) -> dict[str, Any]:
+    """What was scored and how: the "hiddenkey_ds" block of a results file (report and sweep read it)."""
+    return {
+        "base": target.base, "pretrained": job.margs["pretrained"],
+        "adapter": job.margs.get("peft"), "adapter_kind": job.kind, "step": target.step_of(job.kind),
+        "best_validation": (target.summary or {}).get("best") if job.kind == "best" else None,
+        "run_dir": str(target.run_dir) if target.run_dir else None,
+        "tasks": tasks, "task_metadata": metadata, "limit": limit, "batch_size": batch_size, "device": device,
+        "quantization": "4bit" if job.quantized else "none", "stock_command": stock,
+    }
 
 
 def _parse_data_dirs(values: list[str]) -> dict[str, str]:
@@ -476,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks",
                         help="comma-separated lm-eval tasks (default: the run's eval.tasks, else its training task)")
     parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1); for quick checks only")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size, else 8")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default: the run's eval.batch_size, else {EvalSection().batch_size}")
     parser.add_argument("--base-only", action="store_true", help="evaluate the base model without the adapter")
     parser.add_argument("--base", help="base model for an adapter (default: the run's model.name / adapter_config)")
     parser.add_argument("--data-dir", action="append", default=[], metavar="[TASK=]DIR",
@@ -492,11 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if limit is not None and limit <= 0:
             raise EvalError(f"--limit {args.limit:g}: give a number of examples (>= 1) or a fraction in (0, 1)")
-        batch_size = args.batch_size
-        if batch_size is None:
-            p = Path(args.target)
-            batch_size = read_run_recipe(p).eval.batch_size if (p / "config.yaml").is_file() else 8
-        run_eval(args.target, tasks, limit, batch_size, base_only=args.base_only, base=args.base,
+        run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
                  data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
                  dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)
     except EvalError as err:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
+from hiddenkey_ds.config import Recipe, RecipeError, load_recipe
+from hiddenkey_ds.experiments.sweep import EvalSpec, Method, Sweep, SweepError, load_recipes, run_sweep
 from hiddenkey_ds.resources import resource_dir
-from hiddenkey_ds.experiments.sweep import Method, Sweep, SweepError, run_sweep
 
 RECIPES = resource_dir("recipes")
 DEMO_TASK = "reviews"
@@ -29,17 +31,48 @@ QUICK_EVAL_LIMIT = 24
 
 
 def build_sweep(out: Path, lora_recipe: Path, hiddenkey_recipe: Path, ranks: int, seeds: list[int],
-                quick: bool, extra: list[str], data_overrides: list[str], limit: int | None, task: str) -> Sweep:
-    overrides = (QUICK if quick else []) + extra
+                overrides: list[str], data_overrides: list[str], limit: int | None, task: str) -> Sweep:
     return Sweep(
         name="demo", out_dir=out, ranks=ranks,
         methods=[Method("lora", lora_recipe, []), Method("hiddenkey", hiddenkey_recipe, [])],
-        seeds=seeds, tasks={task: data_overrides}, overrides=overrides,
-        eval={"base": True, "limit": QUICK_EVAL_LIMIT if quick and limit is None else limit},
+        seeds=seeds, tasks={task: data_overrides}, overrides=overrides, eval=EvalSpec(base=True, limit=limit),
     )
 
 
+class DemoError(ValueError):
+    """A problem with the demo's arguments or recipes: exit status 2, nothing written."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.time()
+    out = Path(args.out).resolve()
+    own_recipes = {args.lora_recipe.resolve(), args.hiddenkey_recipe.resolve()} == {
+        (RECIPES / "demo-lora.yaml").resolve(), (RECIPES / "demo-hiddenkey.yaml").resolve()}
+    try:
+        sweep = _demo_sweep(args, out, own_recipes)
+        recipes = load_recipes(sweep)  # every problem of both recipes now, before data, models or training
+    except (DemoError, RecipeError, SweepError) as err:
+        print(f"hiddenkey-ds demo: error: {err}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        if own_recipes:
+            from hiddenkey_ds.experiments.demo_data import write_dataset
+
+            write_dataset(out / "data")  # deterministic: rewriting it on a re-run changes nothing
+            print(f"[demo] data: {out / 'data'} (generated, seed 0)")
+        _prebuild_models(recipes.values())
+    try:
+        report = run_sweep(sweep, dry_run=args.dry_run)
+    except SweepError as err:
+        print(f"hiddenkey-ds demo: error: {err}", file=sys.stderr)
+        return 1
+    if report is not None:  # None: --dry-run
+        _print_outcome(report, started)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hiddenkey-ds demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="demo folder (data, runs, report); default runs/demo")
     parser.add_argument("--quick", action="store_true", help="6 steps and a 24-example lm-eval: proves the path (CI)")
@@ -52,58 +85,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for both runs, e.g. --set train.max_steps=200 (repeatable)")
-    args = parser.parse_args(argv)
-    started = time.time()
-    out = Path(args.out).resolve()
-    own_recipes = {args.lora_recipe.resolve(), args.hiddenkey_recipe.resolve()} == {
-        (RECIPES / "demo-lora.yaml").resolve(), (RECIPES / "demo-hiddenkey.yaml").resolve()}
-    data_overrides: list[str] = []
-    task = DEMO_TASK if own_recipes else _recipe_task(args.lora_recipe)
-    if own_recipes:
-        from hiddenkey_ds.experiments.demo_data import write_dataset
+    return parser
 
-        if not args.dry_run:
-            write_dataset(out / "data")  # deterministic: rewriting it on a re-run changes nothing
-            print(f"[demo] data: {out / 'data'} (generated, seed 0)")
-        data_overrides = [f"data.path={out / 'data'}"]
+
+def _demo_sweep(args: argparse.Namespace, out: Path, own_recipes: bool) -> Sweep:
+    """The demo as a sweep: one task (the generated reviews, or the user's recipes' task), two methods."""
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        print(f"hiddenkey-ds demo: error: --seeds takes integers like 0,1,2, got {args.seeds!r}", file=sys.stderr)
-        return 2
-    if not args.dry_run:
-        _prebuild_models([args.lora_recipe, args.hiddenkey_recipe])
-    sweep = build_sweep(out, args.lora_recipe, args.hiddenkey_recipe, args.ranks, seeds, args.quick,
-                        args.overrides, data_overrides, args.limit, task)
-    try:
-        report = run_sweep(sweep, dry_run=args.dry_run)
-    except SweepError as err:
-        print(f"hiddenkey-ds demo: error: {err}", file=sys.stderr)
-        return 1
-    if report is None:  # --dry-run
-        return 0
-    text = report.read_text()
-    print(text.split("\n## Runs")[0])  # the tables; the full report is in the file
+        raise DemoError(f"--seeds takes integers like 0,1,2, got {args.seeds!r} (hint: --seeds 0,1,2)") from None
+    if args.limit is not None and args.limit < 1:
+        raise DemoError(f"--limit {args.limit}: give a number of examples per task (hint: --limit 100, or leave it "
+                        "out to score every example)")
+    overrides = (QUICK if args.quick else []) + args.overrides
+    limit = QUICK_EVAL_LIMIT if args.quick and args.limit is None else args.limit
+    data_overrides = [f"data.path={out / 'data'}"] if own_recipes else []
+    task = DEMO_TASK if own_recipes else _recipe_task(args.lora_recipe, overrides)
+    return build_sweep(out, args.lora_recipe, args.hiddenkey_recipe, args.ranks, seeds, overrides, data_overrides,
+                       limit, task)
+
+
+def _print_outcome(report: Path, started: float) -> None:
+    print(report.read_text().split("\n## Runs")[0])  # the tables; the full report is in the file
     print(f"[demo] finished in {time.time() - started:.0f} s")
     print(f"[demo] report: {report.resolve()}")
     print(f"[demo] figures: {', '.join(str(p) for p in sorted(report.parent.glob('*.png')))}")
-    return 0
 
 
-def _recipe_task(recipe: Path) -> str:
-    import yaml
-
-    data = yaml.safe_load(recipe.read_text()).get("data") or {}
-    return str(data.get("task") or "data")
+def _recipe_task(recipe: Path, overrides: list[str]) -> str:
+    """The sweep task's name (it names the run directories) for a recipe of the user's: its data.task."""
+    return load_recipe(recipe, overrides, check_output_dir=False).data.task or "data"
 
 
-def _prebuild_models(recipes: list[Path]) -> None:
+def _prebuild_models(recipes: Iterable[Recipe]) -> None:
     """Build builtin:* models here, once, before any launcher: ranks then only read the finished cache."""
-    import yaml
-
     from hiddenkey_ds.models.loading import resolve_model_path
 
-    for name in sorted({(yaml.safe_load(r.read_text()).get("model") or {}).get("name", "") for r in recipes}):
+    for name in sorted({r.model.name for r in recipes}):
         if name.startswith("builtin:"):
             print(f"[demo] model {name}: {resolve_model_path(name)}")
 

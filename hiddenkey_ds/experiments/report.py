@@ -31,6 +31,10 @@ from typing import Any
 
 from hiddenkey_ds.config.keys import flatten
 from hiddenkey_ds.config.schema import Recipe
+from hiddenkey_ds.run_dir import (
+    BASE_RESULTS, BASE_RESULTS_STEM, CONFIG, EVAL, METRICS, QUANTIZED_SUFFIX, RESULT_STEMS, SUMMARY, is_finished,
+    is_run_dir,
+)
 
 BASELINE = "LoRA"
 BASE_MODEL = "base model (no adapter)"
@@ -39,10 +43,11 @@ PRESET_LABELS = {"none": BASELINE, "dropkey": "DropKey", "dropattention": "DropA
 PRESET_ORDER = ["none", "dropkey", "dropattention", "hiddencut", "hiddenkey_nokl", "hiddenkey", "custom"]
 # a run's validation loss ending this much above its minimum is flagged as overfitting
 OVERFIT_THRESHOLD = 0.10
-# score kinds: which adapter an lm-eval score is of, and the results file it is read from
+# score kinds: which adapter an lm-eval score is of (its results file: hiddenkey_ds.run_dir.RESULT_STEMS)
 KINDS = ("best", "final")
-KIND_FILES = {"final": "results", "best": "results_best"}
 KIND_TITLES = {"final": "final adapter", "best": "best-validation checkpoint"}
+# the eval/ files whose lm-eval settings must agree: the base model's and both adapter kinds'
+_SCORED_STEMS = (BASE_RESULTS_STEM, *RESULT_STEMS.values())
 # recipe keys that may differ between the seeds of one method: seeds, places and bookkeeping, not the method
 SEED_KEYS = {"run", "eval", "train.log_every", "train.save_every", "train.keep_checkpoints", "data.split_seed"}
 
@@ -110,13 +115,13 @@ class Run:
         best = (self.summary or {}).get("best")
         if isinstance(best, dict) and _number(best.get("accuracy")):
             return {"step": best.get("step"), "accuracy": float(best["accuracy"]),
-                    "loss": float(best["loss"]) if _number(best.get("loss")) else None, "source": "summary.json"}
+                    "loss": float(best["loss"]) if _number(best.get("loss")) else None, "source": SUMMARY}
         rows = [r for r in self.metrics if r.get("split") == "validation" and _number(r.get("accuracy"))]
         if not rows:
             return None
         top = min(rows, key=lambda r: (-r["accuracy"], r["loss"] if _number(r.get("loss")) else math.inf, r["step"]))
         return {"step": top["step"], "accuracy": float(top["accuracy"]),
-                "loss": float(top["loss"]) if _number(top.get("loss")) else None, "source": "metrics.jsonl"}
+                "loss": float(top["loss"]) if _number(top.get("loss")) else None, "source": METRICS}
 
 
 def _number(value: Any) -> bool:
@@ -126,13 +131,16 @@ def _number(value: Any) -> bool:
 def method_label(recipe: Recipe | dict[str, Any]) -> str:
     """The paper's name for the run's dropout setting; settings off the preset are spelled out.
 
-    Describes a run; reports group by the sweep's method name (run.label) and use this only for runs without one.
+    `recipe` is a Recipe or a mapping of its `dropout` and `lora` sections (validated by the schema, which fills
+    in what is left out). Describes a run; reports group by the sweep's method name (run.label) and use this only
+    for runs without one.
     """
+    from hiddenkey_ds.config.schema import LoraSection
     from hiddenkey_ds.method.config import DropoutConfig
 
     if isinstance(recipe, dict):
-        cfg = DropoutConfig(**(recipe.get("dropout") or {}))
-        lora_dropout = (recipe.get("lora") or {}).get("dropout", 0.0) or 0.0
+        cfg = DropoutConfig.model_validate(recipe.get("dropout") or {})
+        lora_dropout = LoraSection.model_validate(recipe.get("lora") or {}).dropout
     else:
         cfg, lora_dropout = recipe.dropout, recipe.lora.dropout
     label = PRESET_LABELS.get(cfg.preset, cfg.preset)
@@ -171,26 +179,32 @@ def load_run(path: str | Path, label: str | None = None, variant: str | None = N
     from hiddenkey_ds.evaluation.harness import EvalError, read_run_recipe
 
     p = Path(path)
-    if not (p / "config.yaml").is_file():
-        raise ReportError(f"{p} is not a run directory (no config.yaml) (hint: pass the directories training wrote, "
+    if not is_run_dir(p):
+        raise ReportError(f"{p} is not a run directory (no {CONFIG}) (hint: pass the directories training wrote, "
                           "e.g. OUT/runs/* of a sweep)")
     try:
         recipe = read_run_recipe(p)
     except EvalError as err:
         raise ReportError(str(err)) from None
-    metrics = []
-    if (p / "metrics.jsonl").is_file():
-        for n, line in enumerate((p / "metrics.jsonl").read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ReportError(f"{p}/metrics.jsonl line {n} is not JSON: {err} (hint: the loop writes whole "
-                                      "lines; a truncated last line means the run died mid-write: resume it)") from None
-    summary = _read_json(p / "summary.json") if (p / "summary.json").is_file() else None
-    evals = {f.stem: _read_json(f) for f in sorted((p / "eval").glob("*.json"))}
+    summary = _read_json(p / SUMMARY) if is_finished(p) else None
+    evals = {f.stem: _read_json(f) for f in sorted((p / EVAL).glob("*.json"))}
     method = label or recipe.run.label or method_label(recipe)
-    return Run(p, recipe, method, recipe.run.seed, _task_of(recipe), metrics, summary, evals, variant)
+    return Run(p, recipe, method, recipe.run.seed, _task_of(recipe), _read_metrics(p), summary, evals, variant)
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    metrics = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                metrics.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ReportError(f"{path} line {n} is not JSON: {err} (hint: the loop writes whole lines; a "
+                                  "truncated last line means the run died mid-write: resume it)") from None
+    return metrics
 
 
 def mark_variants(runs: list[Run]) -> None:
@@ -255,14 +269,14 @@ def check_eval_settings(runs: list[Run]) -> None:
     """Scores of one task are comparable only when lm-eval ran them with the same limit and batch size."""
     seen: dict[str, dict[tuple[Any, Any], list[str]]] = {}
     for run in runs:
-        for stem in ("base", *KIND_FILES.values()):
+        for stem in _SCORED_STEMS:
             results = run.evals.get(stem)
             if not results:
                 continue
             s = eval_settings(results)
             for task in results.get("results", {}):
                 seen.setdefault(run.key(task), {}).setdefault((s["limit"], s["batch_size"]), []).append(
-                    str(run.path / "eval" / f"{stem}.json"))
+                    str(run.path / EVAL / f"{stem}.json"))
     problems = []
     for task, by_setting in sorted(seen.items()):
         if len(by_setting) > 1:
@@ -357,6 +371,16 @@ def _paper_method(method: str, recipe: Recipe, baseline: str | None) -> str | No
     return PRESET_LABELS.get(_preset(recipe)) if _preset(recipe) != "none" else None
 
 
+@dataclass
+class _Scores:
+    """The lm-eval scores of every run, by score kind: (task row, method) -> seed -> value, and what goes with them."""
+
+    values: dict[str, dict[tuple[str, str], dict[int, float]]]
+    steps: dict[str, dict[tuple[str, str], dict[int, Any]]]  # the optimizer step each score's adapter is from
+    metric_of: dict[str, str]                                  # task row -> the metric scored
+    runs_of_task: dict[str, list[Run]]                         # task row -> the runs with a score in it
+
+
 def build_table(runs: list[Run], primary: str = "best", baseline: str | None = None) -> dict[str, Any]:
     """Everything the report shows, as plain data (also written as report.json)."""
     if primary not in KINDS:
@@ -365,14 +389,31 @@ def build_table(runs: list[Run], primary: str = "best", baseline: str | None = N
     check_eval_settings(runs)
     base_name = pick_baseline(runs, baseline)
     order = _method_key(base_name, runs)
-    scores: dict[str, dict[tuple[str, str], dict[int, float]]] = {k: {} for k in KINDS}
-    steps: dict[str, dict[tuple[str, str], dict[int, Any]]] = {k: {} for k in KINDS}
-    metric_of: dict[str, str] = {}
-    runs_of_task: dict[str, list[Run]] = {}
-    base: dict[str, dict[str, Any]] = {}
+    scores = _collect_scores(runs)
+    tables = {kind: _score_rows(scores, kind, base_name, order) for kind in KINDS}
+    methods = sorted({r.method for r in runs}, key=order)
+    paper = _paper_rows(scores, methods, base_name)
+    return {"primary": _leading_kind(tables, primary), "requested_primary": primary, "baseline": base_name,
+            "scores": tables, "base": _base_rows(runs), "methods": [_method_row(m, runs) for m in methods],
+            "paper": paper, "paper_citation": PAPER_CITATION if paper else None,
+            "eval_settings": _eval_settings_by_task(runs), "runs": [_run_row(r) for r in runs]}
+
+
+def _other_kind(kind: str) -> str:
+    return next(k for k in KINDS if k != kind)
+
+
+def _leading_kind(tables: dict[str, list[dict[str, Any]]], requested: str) -> str:
+    other = _other_kind(requested)
+    # e.g. runs trained without a validation split keep no best adapter: lead with what exists, and say so
+    return other if not tables[requested] and tables[other] else requested
+
+
+def _collect_scores(runs: list[Run]) -> _Scores:
+    scores = _Scores({k: {} for k in KINDS}, {k: {} for k in KINDS}, {}, {})
     for run in runs:
         for kind in KINDS:
-            results = run.evals.get(KIND_FILES[kind])
+            results = run.evals.get(RESULT_STEMS[kind])
             if not results:
                 continue
             for lm_task in results.get("results", {}):
@@ -380,75 +421,103 @@ def build_table(runs: list[Run], primary: str = "best", baseline: str | None = N
                 if found is None:
                     continue
                 task = run.key(lm_task)
-                metric_of[task] = found[0]
-                scores[kind].setdefault((task, run.method), {})[run.seed] = found[1]
-                steps[kind].setdefault((task, run.method), {})[run.seed] = (results.get("hiddenkey_ds") or {}).get("step")
-                if run not in runs_of_task.setdefault(task, []):
-                    runs_of_task[task].append(run)
-        for lm_task in (run.evals.get("base") or {}).get("results", {}):
-            found = _accuracy_metric(run.evals["base"], lm_task)
+                scores.metric_of[task] = found[0]
+                scores.values[kind].setdefault((task, run.method), {})[run.seed] = found[1]
+                scores.steps[kind].setdefault((task, run.method), {})[run.seed] = \
+                    (results.get("hiddenkey_ds") or {}).get("step")
+                if run not in scores.runs_of_task.setdefault(task, []):
+                    scores.runs_of_task[task].append(run)
+    return scores
+
+
+def _base_rows(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """task row -> the base model's score (the "before" row), from the first run that has one."""
+    base: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        results = run.evals.get(BASE_RESULTS_STEM) or {}
+        for lm_task in results.get("results", {}):
+            found = _accuracy_metric(results, lm_task)
             task = run.key(lm_task)
             if found and task not in base:  # the same base model and task give the same number: keep one
-                base[task] = {"metric": found[0], "value": found[1], "source": str(run.path / "eval" / "base.json")}
-    tables: dict[str, list[dict[str, Any]]] = {}
-    for kind in KINDS:
-        rows = []
-        for task in sorted({t for t, _ in scores[kind]}):
-            ref = scores[kind].get((task, base_name)) if base_name else None
-            ref_stats = describe(ref) if ref else None
-            for method in sorted((m for t, m in scores[kind] if t == task), key=order):
-                values = scores[kind][(task, method)]
-                row = {"task": task, "method": method, "kind": kind, "metric": metric_of[task], **describe(values),
-                       "steps": [steps[kind][(task, method)][s] for s in sorted(values)]}
-                if ref_stats is not None and method != base_name:
-                    row["delta_vs_baseline"] = {"median": row["median"] - ref_stats["median"],
-                                                "mean": row["mean"] - ref_stats["mean"]}
-                    row["significance"] = paired_test(values, ref)
-                rows.append(row)
-        tables[kind] = rows
-    methods = sorted({r.method for r in runs}, key=order)
-    per_method = []
-    for m in methods:
-        group = [r for r in runs if r.method == m]
-        walls = [r.wall_time_s for r in group if r.wall_time_s is not None]
-        per_method.append({"method": m, "dropout": method_label(group[0].recipe), "runs": len(group),
-                           "wall_time_s_mean": statistics.fmean(walls) if walls else None,
-                           "wall_time_s_total": sum(walls) if walls else None, "timed_runs": len(walls)})
+                base[task] = {"metric": found[0], "value": found[1],
+                              "source": str(run.path / EVAL / BASE_RESULTS)}
+    return base
+
+
+def _score_rows(scores: _Scores, kind: str, base_name: str | None, order) -> list[dict[str, Any]]:
+    """One row per task and method: the statistics over seeds, and the comparison with the baseline's seeds."""
+    by_key = scores.values[kind]
+    rows = []
+    for task in sorted({t for t, _ in by_key}):
+        ref = by_key.get((task, base_name)) if base_name else None
+        ref_stats = describe(ref) if ref else None
+        for method in sorted((m for t, m in by_key if t == task), key=order):
+            values = by_key[(task, method)]
+            row = {"task": task, "method": method, "kind": kind, "metric": scores.metric_of[task], **describe(values),
+                   "steps": [scores.steps[kind][(task, method)][s] for s in sorted(values)]}
+            if ref_stats is not None and method != base_name:
+                row["delta_vs_baseline"] = {"median": row["median"] - ref_stats["median"],
+                                            "mean": row["mean"] - ref_stats["mean"]}
+                row["significance"] = paired_test(values, ref)
+            rows.append(row)
+    return rows
+
+
+def _method_row(method: str, runs: list[Run]) -> dict[str, Any]:
+    group = [r for r in runs if r.method == method]
+    walls = [r.wall_time_s for r in group if r.wall_time_s is not None]
+    return {"method": method, "dropout": method_label(group[0].recipe), "runs": len(group),
+            "wall_time_s_mean": statistics.fmean(walls) if walls else None,
+            "wall_time_s_total": sum(walls) if walls else None, "timed_runs": len(walls)}
+
+
+def _published(task_runs: list[Run]) -> tuple[dict[str, Any], dict[str, float]] | None:
+    """(the paper's setting, its numbers for this task) when these runs are in the paper's setting."""
+    setting = _paper_setting(task_runs)
+    data_tasks = {r.recipe.data.task for r in task_runs}
+    if setting is None or len(data_tasks) != 1 or data_tasks <= {None}:
+        return None
+    published = setting["tasks"].get(next(iter(data_tasks)))
+    return (setting, published) if published else None
+
+
+def _paper_rows(scores: _Scores, methods: list[str], base_name: str | None) -> list[dict[str, Any]]:
     paper = []
-    for task, task_runs in sorted(runs_of_task.items()):
-        setting = _paper_setting(task_runs)
-        data_tasks = {r.recipe.data.task for r in task_runs}
-        if setting is None or len(data_tasks) != 1 or data_tasks <= {None}:
+    for task, task_runs in sorted(scores.runs_of_task.items()):
+        found = _published(task_runs)
+        if found is None:
             continue
-        published = setting["tasks"].get(next(iter(data_tasks)))
-        if not published:
-            continue
+        setting, published = found
         for paper_method, value in published.items():
-            row = {"task": task, "paper_method": paper_method, "paper": value / 100, "source": setting["source"],
-                   "model": setting["model"], "statistic": setting["statistic"], "ours": []}
-            for m in methods:
-                group = [r for r in task_runs if r.method == m]
-                if not group or _paper_method(m, group[0].recipe, base_name) != paper_method:
-                    continue
-                for kind in KINDS:
-                    values = scores[kind].get((task, m))
-                    if values:
-                        d = describe(values)
-                        row["ours"].append({"method": m, "kind": kind, "median": d["median"], "n": d["n"]})
-            paper.append(row)
-    settings = {}
+            paper.append({"task": task, "paper_method": paper_method, "paper": value / 100,
+                          "source": setting["source"], "model": setting["model"], "statistic": setting["statistic"],
+                          "ours": _ours_beside(scores, task, task_runs, methods, paper_method, base_name)})
+    return paper
+
+
+def _ours_beside(scores: _Scores, task: str, task_runs: list[Run], methods: list[str], paper_method: str,
+                 base_name: str | None) -> list[dict[str, Any]]:
+    """Our medians (every score kind) of the methods that stand beside the paper's `paper_method`."""
+    ours = []
+    for m in methods:
+        group = [r for r in task_runs if r.method == m]
+        if not group or _paper_method(m, group[0].recipe, base_name) != paper_method:
+            continue
+        for kind in KINDS:
+            values = scores.values[kind].get((task, m))
+            if values:
+                d = describe(values)
+                ours.append({"method": m, "kind": kind, "median": d["median"], "n": d["n"]})
+    return ours
+
+
+def _eval_settings_by_task(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    settings: dict[str, dict[str, Any]] = {}
     for run in runs:
-        for stem in ("base", *KIND_FILES.values()):
+        for stem in _SCORED_STEMS:
             for task in (run.evals.get(stem) or {}).get("results", {}):
                 settings.setdefault(run.key(task), eval_settings(run.evals[stem]))
-    requested = primary
-    other = next(k for k in KINDS if k != primary)
-    if not tables[primary] and tables[other]:
-        # e.g. runs trained without a validation split keep no best adapter: lead with what exists, and say so
-        primary = other
-    return {"primary": primary, "requested_primary": requested, "baseline": base_name, "scores": tables, "base": base, "methods": per_method,
-            "paper": paper, "paper_citation": PAPER_CITATION if paper else None, "eval_settings": settings,
-            "runs": [_run_row(r) for r in runs]}
+    return settings
 
 
 def overfitting(run: Run) -> dict[str, Any] | None:
@@ -482,12 +551,12 @@ def _run_row(run: Run) -> dict[str, Any]:
 
 def _selected_on_eval_data(recipe: Recipe) -> bool:
     """Whether the loop's validation split is the split lm-eval scores (the hk_* tasks score validation/dev)."""
-    return not getattr(recipe.data, "validation_from_train", None) and recipe.data.eval_split == "validation" \
+    return not recipe.data.validation_from_train and recipe.data.eval_split == "validation" \
         and recipe.data.eval_path is None
 
 
 def _validation_source(recipe: Recipe) -> str:
-    carved = getattr(recipe.data, "validation_from_train", None)
+    carved = recipe.data.validation_from_train
     if carved:
         return f"carved from the training data ({carved:g})"
     if recipe.data.eval_split is None:
@@ -497,8 +566,9 @@ def _validation_source(recipe: Recipe) -> str:
 
 # -- rendering ---------------------------------------------------------------------------------------------
 
-_STEM_NAMES = {"results": "final", "results_best": "best", "base": "base model", "results_4bit": "final 4-bit",
-               "results_best_4bit": "best 4-bit"}
+# eval/ file stem -> how the per-run table names its score
+_STEM_NAMES = {BASE_RESULTS_STEM: "base model", **{RESULT_STEMS[k]: k for k in KINDS},
+               **{RESULT_STEMS[k] + QUANTIZED_SUFFIX: f"{k} 4-bit" for k in KINDS}}
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -523,7 +593,7 @@ def _significance(row: dict[str, Any], baseline: str | None) -> str:
 def _score_table(table: dict[str, Any], kind: str, methods: list[str]) -> list[str]:
     rows, base = table["scores"][kind], table["base"]
     if not rows:
-        return [f"No run has {KIND_FILES[kind]}.json: "
+        return [f"No run has {RESULT_STEMS[kind]}.json: "
                 + ("no run kept a best-validation adapter (adapter_best/: runs with a validation split)."
                    if kind == "best" else "run `hiddenkey-ds eval RUN_DIR` first."), ""]
     tasks = sorted({r["task"] for r in rows})
@@ -546,85 +616,14 @@ def _score_table(table: dict[str, Any], kind: str, methods: list[str]) -> list[s
 
 
 def render_markdown(table: dict[str, Any], figures: list[str], extra: list[str] = ()) -> str:
-    primary, baseline = table["primary"], table["baseline"]
-    other = next(k for k in KINDS if k != primary)
-    methods = [m["method"] for m in table["methods"]]
-    lines = ["# hiddenkey-ds report", ""]
-    settings = "; ".join(f"{t}: limit {s['limit'] if s['limit'] is not None else 'none (full split)'}, "
-                         f"batch size {s['batch_size']}" for t, s in sorted(table["eval_settings"].items()))
-    lines += [f"lm-eval accuracy in %. Each cell: **median** · mean ± sample std over seeds (n seeds); bold = the row's "
-              "best median. Best-validation checkpoint = the run's adapter_best/, the step with the highest accuracy "
-              f"on its validation split (ties: lower validation loss). Baseline: {baseline or 'none found'}. "
-              + (f"lm-eval settings: {settings}." if settings else ""), ""]
-    for i, kind in enumerate((primary, other)):
-        title = f"## {'Headline' if i == 0 else 'Also'}: {KIND_TITLES[kind]} ({KIND_FILES[kind]}.json)"
-        lines += [title, ""]
-        if i == 0 and kind != table["requested_primary"]:
-            lines += [f"The {KIND_TITLES[table['requested_primary']]} scores were asked to lead, but no run has "
-                      f"{KIND_FILES[table['requested_primary']]}.json, so the {KIND_TITLES[kind]} scores lead.", ""]
-        lines += _score_table(table, kind, methods)
-        if kind == "best" and table["scores"]["best"]:
-            leaky = [r for r in table["runs"] if r["selected_on_eval_data"] and "results_best" in
-                     {k.split(":", 1)[0] for k in r["lm_eval"]}]
-            if leaky:
-                lines += [f"Caution: {len(leaky)} run(s) chose their best checkpoint on their `validation` split, which "
-                          "is the split lm-eval scores, so these best-checkpoint scores are optimistic (hint: carve the "
-                          "validation split from the training data, data.validation_from_train).", ""]
+    lines = ["# hiddenkey-ds report", "", _intro(table), ""]
+    for i, kind in enumerate((table["primary"], _other_kind(table["primary"]))):
+        lines += _score_section(table, kind, headline=i == 0)
     if table["paper"]:
-        lines += ["## Beside the paper", "",
-                  f"Only where the setting is the paper's (model and task). Source: {table['paper_citation']}; the "
-                  "paper reports the median of 5 runs and does not state whether from the best or the final epoch.", "",
-                  "| task | method (paper) | published | ours: method, score | ours: median (n) |",
-                  "|---|---|---|---|---|"]
-        for p in table["paper"]:
-            ours = p["ours"] or [None]
-            for o in ours:
-                mine = "—" if o is None else f"{o['method']}, {KIND_TITLES[o['kind']]}"
-                value = "no matching method" if o is None else f"{_pct(o['median'], 2)} (n={o['n']})"
-                lines.append(f"| {p['task']} | {p['paper_method']} | {100 * p['paper']:.2f} — {p['source']} | {mine} "
-                             f"| {value} |")
-        lines.append("")
-    lines += ["## Against the baseline", ""]
-    if baseline is None:
-        lines += ["No baseline: no method is named `lora` and not exactly one trains without dropout "
-                  "(`--baseline METHOD` names one).", ""]
-    lines += ["| task | score | method | seeds | median | mean ± std | Δ median | Δ mean | paired t-test across seeds |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for kind in (primary, other):
-        for r in table["scores"][kind]:
-            d = r.get("delta_vs_baseline")
-            dm = "—" if d is None else f"{100 * d['median']:+.2f}"
-            da = "—" if d is None else f"{100 * d['mean']:+.2f}"
-            spread = f"{_pct(r['mean'], 2)} ± {_pct(r['std'], 2)}" if r["std"] is not None else _pct(r["mean"], 2)
-            lines.append(f"| {r['task']} | {kind} | {r['method']} | {', '.join(map(str, r['seeds']))} | "
-                         f"{_pct(r['median'], 2)} | {spread} | {dm} | {da} | {_significance(r, baseline)} |")
-    lines += ["", "Δ in points against the baseline's median / mean; the t-test pairs runs of the same seed.", "",
-              "## Methods and wall time", "",
-              "| method | dropout setting | runs | mean wall time per run | total |", "|---|---|---|---|---|"]
-    for m in table["methods"]:
-        mean = "—" if m["wall_time_s_mean"] is None else f"{m['wall_time_s_mean']:.0f} s"
-        total = "—" if m["wall_time_s_total"] is None else f"{m['wall_time_s_total']:.0f} s"
-        lines.append(f"| {m['method']} | {m['dropout']} | {m['runs']} | {mean} | {total} |")
-    lines += ["", "## Runs", "",
-              "Best validation: the step with the highest validation accuracy (the adapter_best/ step). Overfitting: "
-              "validation loss at the end vs. its minimum (flagged when more than "
-              f"{100 * OVERFIT_THRESHOLD:.0f}% above it).", "",
-              "| run | method | seed | steps | wall time | validation split | best validation: acc (step) | final train CE "
-              "| val loss: best (step) → final | overfit | lm-eval |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in table["runs"]:
-        o, b = r["overfitting"], r["best_validation"]
-        curve = "—" if o is None else f"{o['best_val_loss']:.3f} ({o['best_step']}) → {o['final_val_loss']:.3f}"
-        flag = "—" if o is None else "yes (diverged: final val loss not finite)" if o["diverged"] else \
-            f"{'yes' if o['overfit'] else 'no'} (+{100 * o['rise']:.0f}%)"
-        ce = "—" if o is None or o["final_train_ce"] is None else f"{o['final_train_ce']:.3f}"
-        best = "—" if b is None else f"{_pct(b['accuracy'])} ({b['step']})"
-        acc = ", ".join(f"{k.split(':', 1)[1]} {_STEM_NAMES.get(k.split(':', 1)[0], k.split(':', 1)[0])} {_pct(v)}"
-                        for k, v in r["lm_eval"].items()) or "not evaluated"
-        wall = "—" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f} s"
-        steps = r["steps"] if r["finished"] else "unfinished"
-        lines.append(f"| `{r['path']}` | {r['method']} | {r['seed']} | {steps} | {wall} | {r['validation_source']} | "
-                     f"{best} | {ce} | {curve} | {flag} | {acc} |")
+        lines += _paper_section(table)
+    lines += _baseline_section(table)
+    lines += ["", *_methods_section(table)]
+    lines += ["", *_runs_section(table)]
     for section in extra:
         lines += ["", section.rstrip()]
     if figures:
@@ -632,11 +631,130 @@ def render_markdown(table: dict[str, Any], figures: list[str], extra: list[str] 
     return "\n".join(lines) + "\n"
 
 
+def _intro(table: dict[str, Any]) -> str:
+    settings = "; ".join(f"{t}: limit {s['limit'] if s['limit'] is not None else 'none (full split)'}, "
+                         f"batch size {s['batch_size']}" for t, s in sorted(table["eval_settings"].items()))
+    return ("lm-eval accuracy in %. Each cell: **median** · mean ± sample std over seeds (n seeds); bold = the row's "
+            "best median. Best-validation checkpoint = the run's adapter_best/, the step with the highest accuracy "
+            f"on its validation split (ties: lower validation loss). Baseline: {table['baseline'] or 'none found'}. "
+            + (f"lm-eval settings: {settings}." if settings else ""))
+
+
+def _score_section(table: dict[str, Any], kind: str, headline: bool) -> list[str]:
+    """One score kind's table: the headline (with why it leads when it was not the one asked for), or the other."""
+    lines = [f"## {'Headline' if headline else 'Also'}: {KIND_TITLES[kind]} ({RESULT_STEMS[kind]}.json)", ""]
+    requested = table["requested_primary"]
+    if headline and kind != requested:
+        lines += [f"The {KIND_TITLES[requested]} scores were asked to lead, but no run has "
+                  f"{RESULT_STEMS[requested]}.json, so the {KIND_TITLES[kind]} scores lead.", ""]
+    lines += _score_table(table, kind, [m["method"] for m in table["methods"]])
+    if kind == "best" and table["scores"]["best"]:
+        lines += _leak_caution(table["runs"])
+    return lines
+
+
+def _leak_caution(runs: list[dict[str, Any]]) -> list[str]:
+    leaky = [r for r in runs if r["selected_on_eval_data"] and RESULT_STEMS["best"] in
+             {k.split(":", 1)[0] for k in r["lm_eval"]}]
+    if not leaky:
+        return []
+    return [f"Caution: {len(leaky)} run(s) chose their best checkpoint on their `validation` split, which "
+            "is the split lm-eval scores, so these best-checkpoint scores are optimistic (hint: carve the "
+            "validation split from the training data, data.validation_from_train).", ""]
+
+
+def _paper_section(table: dict[str, Any]) -> list[str]:
+    lines = ["## Beside the paper", "",
+             f"Only where the setting is the paper's (model and task). Source: {table['paper_citation']}; the "
+             "paper reports the median of 5 runs and does not state whether from the best or the final epoch.", "",
+             "| task | method (paper) | published | ours: method, score | ours: median (n) |",
+             "|---|---|---|---|---|"]
+    for p in table["paper"]:
+        for o in p["ours"] or [None]:
+            mine = "—" if o is None else f"{o['method']}, {KIND_TITLES[o['kind']]}"
+            value = "no matching method" if o is None else f"{_pct(o['median'], 2)} (n={o['n']})"
+            lines.append(f"| {p['task']} | {p['paper_method']} | {100 * p['paper']:.2f} — {p['source']} | {mine} "
+                         f"| {value} |")
+    return lines + [""]
+
+
+def _baseline_section(table: dict[str, Any]) -> list[str]:
+    baseline = table["baseline"]
+    lines = ["## Against the baseline", ""]
+    if baseline is None:
+        lines += ["No baseline: no method is named `lora` and not exactly one trains without dropout "
+                  "(`--baseline METHOD` names one).", ""]
+    lines += ["| task | score | method | seeds | median | mean ± std | Δ median | Δ mean | paired t-test across seeds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for kind in (table["primary"], _other_kind(table["primary"])):
+        lines += [_baseline_line(r, kind, baseline) for r in table["scores"][kind]]
+    return lines + ["", "Δ in points against the baseline's median / mean; the t-test pairs runs of the same seed."]
+
+
+def _baseline_line(r: dict[str, Any], kind: str, baseline: str | None) -> str:
+    d = r.get("delta_vs_baseline")
+    dm = "—" if d is None else f"{100 * d['median']:+.2f}"
+    da = "—" if d is None else f"{100 * d['mean']:+.2f}"
+    spread = f"{_pct(r['mean'], 2)} ± {_pct(r['std'], 2)}" if r["std"] is not None else _pct(r["mean"], 2)
+    return (f"| {r['task']} | {kind} | {r['method']} | {', '.join(map(str, r['seeds']))} | "
+            f"{_pct(r['median'], 2)} | {spread} | {dm} | {da} | {_significance(r, baseline)} |")
+
+
+def _methods_section(table: dict[str, Any]) -> list[str]:
+    lines = ["## Methods and wall time", "",
+             "| method | dropout setting | runs | mean wall time per run | total |", "|---|---|---|---|---|"]
+    for m in table["methods"]:
+        mean = "—" if m["wall_time_s_mean"] is None else f"{m['wall_time_s_mean']:.0f} s"
+        total = "—" if m["wall_time_s_total"] is None else f"{m['wall_time_s_total']:.0f} s"
+        lines.append(f"| {m['method']} | {m['dropout']} | {m['runs']} | {mean} | {total} |")
+    return lines
+
+
+def _runs_section(table: dict[str, Any]) -> list[str]:
+    return ["## Runs", "",
+            "Best validation: the step with the highest validation accuracy (the adapter_best/ step). Overfitting: "
+            "validation loss at the end vs. its minimum (flagged when more than "
+            f"{100 * OVERFIT_THRESHOLD:.0f}% above it).", "",
+            "| run | method | seed | steps | wall time | validation split | best validation: acc (step) | final train CE "
+            "| val loss: best (step) → final | overfit | lm-eval |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"] + [_run_line(r) for r in table["runs"]]
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    o, b = r["overfitting"], r["best_validation"]
+    curve = "—" if o is None else f"{o['best_val_loss']:.3f} ({o['best_step']}) → {o['final_val_loss']:.3f}"
+    flag = "—" if o is None else "yes (diverged: final val loss not finite)" if o["diverged"] else \
+        f"{'yes' if o['overfit'] else 'no'} (+{100 * o['rise']:.0f}%)"
+    ce = "—" if o is None or o["final_train_ce"] is None else f"{o['final_train_ce']:.3f}"
+    best = "—" if b is None else f"{_pct(b['accuracy'])} ({b['step']})"
+    wall = "—" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f} s"
+    steps = r["steps"] if r["finished"] else "unfinished"
+    return (f"| `{r['path']}` | {r['method']} | {r['seed']} | {steps} | {wall} | {r['validation_source']} | "
+            f"{best} | {ce} | {curve} | {flag} | {_lm_eval_cell(r['lm_eval'])} |")
+
+
+def _lm_eval_cell(scores: dict[str, float]) -> str:
+    """`stem:task` -> score, as "task kind score, ..." (kind: final, best, base model, ... from the file stem)."""
+    cells = []
+    for key, value in scores.items():
+        stem, task = key.split(":", 1)
+        cells.append(f"{task} {_STEM_NAMES.get(stem, stem)} {_pct(value)}")
+    return ", ".join(cells) or "not evaluated"
+
+
 def _colors(methods: list[str]) -> dict[str, Any]:
     import matplotlib
 
     palette = matplotlib.colormaps["tab10"]
     return {m: palette(i % 10) for i, m in enumerate(methods)}
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _mean_curve(runs: list[Run], split: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -658,28 +776,49 @@ def plot_curves(runs: list[Run], task: str, path: Path, methods: list[str]) -> N
     colors = _colors(methods)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8))
     for m in [m for m in methods if m in by_method]:
-        group, c = by_method[m], colors[m]
-        n = len(group)
-        steps, mean, lo, hi = _mean_curve(group, "train", "ce")
-        if steps:
-            ax_loss.plot(steps, mean, "--", color=c, alpha=0.7, lw=1.2)
-            if n > 1:
-                ax_loss.fill_between(steps, lo, hi, color=c, alpha=0.08)
-        steps, mean, lo, hi = _mean_curve(group, "validation", "loss")
-        if steps and any(math.isfinite(v) for v in mean):
-            best = min((i for i, v in enumerate(mean) if math.isfinite(v)), key=mean.__getitem__)
-            rise = (mean[-1] - mean[best]) / mean[best] if mean[best] > 0 else 0.0
-            verdict = f"overfits: final val loss +{100 * rise:.0f}% over its min" if rise > OVERFIT_THRESHOLD \
-                else f"final val loss +{100 * rise:.0f}% over its min"
-            ax_loss.plot(steps, mean, "-o", color=c, lw=2, ms=3.5, label=f"{m} (n={n}): {verdict}")
-            ax_loss.plot(steps[best], mean[best], "*", color=c, ms=16, mec="black", mew=0.8)
-            if n > 1:
-                ax_loss.fill_between(steps, lo, hi, color=c, alpha=0.15)
-        steps, mean, lo, hi = _mean_curve(group, "validation", "accuracy")
-        if steps:
-            ax_acc.plot(steps, [100 * v for v in mean], "-o", color=c, lw=2, ms=3.5, label=f"{m} (n={n})")
-            if n > 1:
-                ax_acc.fill_between(steps, [100 * v for v in lo], [100 * v for v in hi], color=c, alpha=0.15)
+        _plot_train_ce(ax_loss, by_method[m], colors[m])
+        _plot_validation_loss(ax_loss, by_method[m], m, colors[m])
+        _plot_validation_accuracy(ax_acc, by_method[m], m, colors[m])
+    _dress_curve_axes(ax_loss, ax_acc, task)
+    _save(fig, path)
+
+
+def _plot_train_ce(ax, group: list[Run], color: Any) -> None:
+    """Dashed: the mean training CE over seeds, with the seeds' range when there are several."""
+    steps, mean, lo, hi = _mean_curve(group, "train", "ce")
+    if steps:
+        ax.plot(steps, mean, "--", color=color, alpha=0.7, lw=1.2)
+        if len(group) > 1:
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.08)
+
+
+def _plot_validation_loss(ax, group: list[Run], method: str, color: Any) -> None:
+    """Solid: the mean validation loss, a star at its minimum, and the overfitting verdict in the legend."""
+    steps, mean, lo, hi = _mean_curve(group, "validation", "loss")
+    if not steps or not any(math.isfinite(v) for v in mean):
+        return
+    n = len(group)
+    best = min((i for i, v in enumerate(mean) if math.isfinite(v)), key=mean.__getitem__)
+    rise = (mean[-1] - mean[best]) / mean[best] if mean[best] > 0 else 0.0
+    verdict = f"overfits: final val loss +{100 * rise:.0f}% over its min" if rise > OVERFIT_THRESHOLD \
+        else f"final val loss +{100 * rise:.0f}% over its min"
+    ax.plot(steps, mean, "-o", color=color, lw=2, ms=3.5, label=f"{method} (n={n}): {verdict}")
+    ax.plot(steps[best], mean[best], "*", color=color, ms=16, mec="black", mew=0.8)
+    if n > 1:
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
+
+
+def _plot_validation_accuracy(ax, group: list[Run], method: str, color: Any) -> None:
+    steps, mean, lo, hi = _mean_curve(group, "validation", "accuracy")
+    if not steps:
+        return
+    n = len(group)
+    ax.plot(steps, [100 * v for v in mean], "-o", color=color, lw=2, ms=3.5, label=f"{method} (n={n})")
+    if n > 1:
+        ax.fill_between(steps, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=0.15)
+
+
+def _dress_curve_axes(ax_loss, ax_acc, task: str) -> None:
     ax_loss.set(title=f"{task}: training CE (dashed) vs validation loss (solid)", xlabel="optimizer step",
                 ylabel="loss (token mean over answers)")
     ax_loss.set_yscale("log")
@@ -691,15 +830,12 @@ def plot_curves(runs: list[Run], task: str, path: Path, methods: list[str]) -> N
         ax_acc.legend(fontsize=8, loc="lower right")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_accuracy(table: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in (table["primary"], *[k for k in KINDS if k != table["primary"]]) if table["scores"][k]]
+    kinds = [k for k in (table["primary"], _other_kind(table["primary"])) if table["scores"][k]]
     base = table["base"]
     methods = [m["method"] for m in table["methods"]]
     colors = _colors(methods)
@@ -708,39 +844,54 @@ def plot_accuracy(table: dict[str, Any], path: Path) -> None:
     width = 0.8 / max(1, len(methods))
     fig, axes = plt.subplots(1, len(kinds), figsize=(len(kinds) * max(6.5, 3.2 + 0.8 * len(tasks) * len(methods)), 4.8),
                              squeeze=False)
-    lows = [100 * min(r["values"]) for r in all_rows] + [100 * b["value"] for b in base.values()]
-    top = 100 * min(1.0, max(max(r["mean"] + (r["std"] or 0), *r["values"]) for r in all_rows) + 0.08)
+    ylim = _accuracy_ylim(all_rows, base)
     for ax, kind in zip(axes[0], kinds):
         rows = table["scores"][kind]
         for ti, task in enumerate(tasks):
-            by_method = {r["method"]: r for r in rows if r["task"] == task}
-            best = max(by_method.values(), key=lambda r: r["median"])["method"] if by_method else None
-            for mi, m in enumerate(methods):
-                r = by_method.get(m)
-                if r is None:
-                    continue
-                x = ti + (mi - (len(methods) - 1) / 2) * width
-                ax.bar(x, 100 * r["mean"], width * 0.9, color=colors[m], label=m if ti == 0 else None,
-                       yerr=None if r["std"] is None else 100 * r["std"], capsize=4,
-                       edgecolor="black", linewidth=1.8 if m == best and len(by_method) > 1 else 0.4)
-                ax.scatter([x] * len(r["values"]), [100 * v for v in r["values"]], color="black", s=12, zorder=3)
-                ax.hlines(100 * r["median"], x - width * 0.4, x + width * 0.4, colors="black", lw=2.2, zorder=4)
-                ax.annotate(f"{100 * r['median']:.1f}" + (" ★" if m == best and len(by_method) > 1 else ""),
-                            (x, 100 * max(r["mean"] + (r["std"] or 0), max(r["values"]))), ha="center",
-                            va="bottom", fontsize=9,
-                            xytext=(0, 3), textcoords="offset points")
+            _draw_task_bars(ax, [r for r in rows if r["task"] == task], ti, methods, colors, width)
             if task in base:
                 ax.hlines(100 * base[task]["value"], ti - 0.45, ti + 0.45, colors="dimgray", linestyles="--", lw=1.5,
                           label=BASE_MODEL if ti == 0 else None)
-        n_seeds = sorted({r["n"] for r in rows})
-        ax.set_xticks(range(len(tasks)), tasks)
-        ax.set(ylabel=f"{rows[0]['metric']} (%)", ylim=(max(0.0, min(lows) - 10), top),
-               title=f"{KIND_TITLES[kind]}: mean ± std, tick = median (n = {', '.join(map(str, n_seeds))})")
-        ax.grid(axis="y", alpha=0.3)
+        _dress_accuracy_axis(ax, kind, rows, tasks, ylim)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # never on a bar
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _accuracy_ylim(rows: list[dict[str, Any]], base: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    """Room below the lowest seed or base score, and above the highest error bar or seed for the labels."""
+    lows = [100 * min(r["values"]) for r in rows] + [100 * b["value"] for b in base.values()]
+    top = 100 * min(1.0, max(max(r["mean"] + (r["std"] or 0), *r["values"]) for r in rows) + 0.08)
+    return max(0.0, min(lows) - 10), top
+
+
+def _draw_task_bars(ax, task_rows: list[dict[str, Any]], ti: int, methods: list[str], colors: dict[str, Any],
+                    width: float) -> None:
+    """One task's group of bars (mean, std error bar, seeds as dots, median tick); the best median is starred."""
+    by_method = {r["method"]: r for r in task_rows}
+    best = max(by_method.values(), key=lambda r: r["median"])["method"] if by_method else None
+    for mi, m in enumerate(methods):
+        r = by_method.get(m)
+        if r is None:
+            continue
+        starred = m == best and len(by_method) > 1
+        x = ti + (mi - (len(methods) - 1) / 2) * width
+        ax.bar(x, 100 * r["mean"], width * 0.9, color=colors[m], label=m if ti == 0 else None,
+               yerr=None if r["std"] is None else 100 * r["std"], capsize=4,
+               edgecolor="black", linewidth=1.8 if starred else 0.4)
+        ax.scatter([x] * len(r["values"]), [100 * v for v in r["values"]], color="black", s=12, zorder=3)
+        ax.hlines(100 * r["median"], x - width * 0.4, x + width * 0.4, colors="black", lw=2.2, zorder=4)
+        ax.annotate(f"{100 * r['median']:.1f}" + (" ★" if starred else ""),
+                    (x, 100 * max(r["mean"] + (r["std"] or 0), max(r["values"]))), ha="center",
+                    va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
+
+
+def _dress_accuracy_axis(ax, kind: str, rows: list[dict[str, Any]], tasks: list[str],
+                         ylim: tuple[float, float]) -> None:
+    n_seeds = sorted({r["n"] for r in rows})
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(ylabel=f"{rows[0]['metric']} (%)", ylim=ylim,
+           title=f"{KIND_TITLES[kind]}: mean ± std, tick = median (n = {', '.join(map(str, n_seeds))})")
+    ax.grid(axis="y", alpha=0.3)
 
 
 def strict_json(value: Any) -> Any:
@@ -818,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
                 sweep = load_sweep(args.sweep)
             except SweepError as err:
                 raise ReportError(str(err)) from None
-            started = [r for r in sweep.runs() if (r.run_dir / "config.yaml").is_file()]
+            started = [r for r in sweep.runs() if is_run_dir(r.run_dir)]
             labels = {str(r.run_dir): r.method.name for r in started}
             variants = {str(r.run_dir): r.task for r in started}
             run_dirs += [r.run_dir for r in started]

@@ -45,13 +45,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hiddenkey_ds.distributed import free_port
+from hiddenkey_ds.distributed import free_port, single_process_env
 from hiddenkey_ds.evaluation import command
+from hiddenkey_ds.run_dir import BASE_RESULTS, EVAL, is_finished, is_run_dir, results_name
+
+if TYPE_CHECKING:
+    from hiddenkey_ds.config import Recipe
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # method / task names become directory names
 ADAPTER = Literal["final", "best", "both"]
@@ -222,7 +226,7 @@ class Sweep:
     seeds: list[int]
     tasks: dict[str, list[str]]
     overrides: list[str] = field(default_factory=list)
-    eval: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSpec = field(default_factory=EvalSpec)
     report: bool = True
     baseline: str | None = None
     primary: str = "best"
@@ -230,6 +234,11 @@ class Sweep:
     def runs(self) -> list["PlannedRun"]:
         return [PlannedRun(self, task, method, seed)
                 for task in self.tasks for method in self.methods for seed in self.seeds]
+
+    @property
+    def log_dir(self) -> Path:
+        """Each child's output, one file per training and evaluation (the run directories hold what they wrote)."""
+        return self.out_dir / "logs"
 
     @property
     def grid_families(self) -> dict[str, list[Method]]:
@@ -262,7 +271,7 @@ class PlannedRun:
 
     @property
     def state(self) -> str:
-        if (self.run_dir / "summary.json").is_file():
+        if is_finished(self.run_dir):
             return "finished"
         return "interrupted" if self.run_dir.is_dir() and any(self.run_dir.iterdir()) else "new"
 
@@ -301,17 +310,19 @@ def _expand(name: str, spec: MethodSpec, recipe: Path) -> list[Method]:
     return out
 
 
-def _recipe_problems(sweep: Sweep) -> list[str]:
-    """Validate the recipe of every (task, method) pair as the run will load it; a problem shared by many pairs is
-    listed once, with how many it affects."""
+def _load_recipes(sweep: Sweep) -> tuple[dict[tuple[str, str], Recipe], list[str]]:
+    """The recipe of every (task, method) pair, loaded as its runs will load it (through the schema and the start-up
+    checks), and the problems found; a problem shared by many pairs is listed once, with how many it affects."""
     from hiddenkey_ds.config import RecipeError, load_recipe
 
+    recipes: dict[tuple[str, str], Recipe] = {}
     seen: dict[str, list[str]] = {}
     for task in sweep.tasks:
         for method in sweep.methods:
             run = PlannedRun(sweep, task, method, sweep.seeds[0])
             try:
-                load_recipe(method.recipe, run.recipe_overrides(), world_size=sweep.ranks, check_output_dir=False)
+                recipes[(task, method.name)] = load_recipe(method.recipe, run.recipe_overrides(),
+                                                           world_size=sweep.ranks, check_output_dir=False)
             except RecipeError as err:
                 for problem in err.problems:
                     seen.setdefault(problem, []).append(f"{task}/{method.name}")
@@ -319,7 +330,16 @@ def _recipe_problems(sweep: Sweep) -> list[str]:
     for problem, where in seen.items():
         at = where[0] if len(where) == 1 else f"{where[0]} and {len(where) - 1} other task/method pair(s)"
         out.append(f"the recipe of {at}: {problem}")
-    return out
+    return recipes, out
+
+
+def load_recipes(sweep: Sweep) -> dict[tuple[str, str], Recipe]:
+    """(task, method name) -> its validated Recipe; one SweepError lists every problem (for a sweep built in code,
+    such as the demo's; load_sweep runs the same check on a sweep file)."""
+    recipes, problems = _load_recipes(sweep)
+    if problems:
+        raise _problems(sweep.name, problems)
+    return recipes
 
 
 def load_sweep(path: str | Path, check_recipes: bool = True) -> Sweep:
@@ -360,18 +380,18 @@ def load_sweep(path: str | Path, check_recipes: bool = True) -> Sweep:
     if spec.baseline is not None and spec.baseline not in names and not problems:
         problems.append(f"baseline: {spec.baseline!r} is not a method of this sweep (hint: one of {', '.join(names)})")
     sweep = Sweep(spec.name or p.stem, Path(spec.out_dir), spec.ranks, methods, list(spec.seeds),
-                  {t: list(o) for t, o in spec.tasks.items()}, list(spec.overrides), spec.eval.model_dump(),
+                  {t: list(o) for t, o in spec.tasks.items()}, list(spec.overrides), spec.eval,
                   spec.report, spec.baseline, spec.primary)
     if check_recipes and not problems:
-        problems += _recipe_problems(sweep)
+        problems += _load_recipes(sweep)[1]
     if problems:
         raise _problems(p, problems)
     return sweep
 
 
-def _problems(path: Path, problems: list[str]) -> SweepError:
+def _problems(source: Path | str, problems: list[str]) -> SweepError:
     n = len(problems)
-    return SweepError(f"{path}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {x}" for x in problems))
+    return SweepError(f"{source}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {x}" for x in problems))
 
 
 # -- subsets: --only ----------------------------------------------------------------------------------------
@@ -423,26 +443,27 @@ def train_command(run: PlannedRun) -> list[str]:
 
 def eval_command(run_dir: Path, sweep: Sweep, base_only: bool = False, adapter: str | None = None) -> list[str]:
     ev = sweep.eval
-    return command.eval_command(run_dir, tasks=ev.get("tasks") or (), limit=ev.get("limit"),
-                                batch_size=ev.get("batch_size"), adapter=adapter, base_only=base_only)
+    return command.eval_command(run_dir, tasks=ev.tasks or (), limit=ev.limit, batch_size=ev.batch_size,
+                                adapter=adapter, base_only=base_only)
 
 
 def missing_evaluations(run_dir: Path, adapter: str | None) -> str | None:
     """The --adapter value that evaluates what a finished run still lacks (None: nothing to do)."""
-    from hiddenkey_ds.evaluation.harness import EvalError, chosen_kinds, results_name
+    from hiddenkey_ds.evaluation.harness import EvalError, chosen_kinds
 
     try:
         kinds = chosen_kinds(run_dir, adapter)
     except EvalError as err:
         raise RunFailed(str(err)) from None
-    todo = [k for k in kinds if not (run_dir / "eval" / results_name(k)).is_file()]
+    todo = [k for k in kinds if not (run_dir / EVAL / results_name(k)).is_file()]
     if not todo:
         return None
     return todo[0] if len(todo) == 1 else "both"
 
 
 def _child_env(ranks: int) -> dict[str, str]:
-    env = dict(os.environ)
+    # every child starts its own world (deepspeed) or none: it must not join one the sweep itself may run in
+    env = single_process_env(dict(os.environ))
     # CPU ranks share the cores: without a cap every rank starts one thread per core and they thrash
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -473,53 +494,81 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, only: dict[str, li
     and a later run of the same sweep evaluates what is then selected."""
     every = sweep.runs()
     runs = [r for r in every if selected(r, only or {})]
-    logs = sweep.out_dir / "logs"
     subset = f", {len(runs)} selected by --only" if only else ""
     log(f"[sweep] {sweep.name}: {len(every)} runs ({len(sweep.tasks)} tasks x {len(sweep.methods)} methods x "
         f"{len(sweep.seeds)} seeds){subset} in {sweep.out_dir}")
-    env, eval_env = _child_env(sweep.ranks), _child_env(1)  # lm-eval is one process: it gets every core
-    adapter = sweep.eval.get("adapter")
-    for i, run in enumerate(runs, 1):
-        state = run.state
-        head = f"run {i}/{len(runs)} {run.name}"
-        if state == "finished":
-            log(f"[sweep] {head}: finished already, skipped")
-        elif dry_run:
-            log(f"[sweep] {head} ({state}): {shlex.join(train_command(run))}")
-        else:
-            _run_logged(train_command(run), logs / f"{run.name}.log", env,
-                        f"{head}: {'resuming' if state == 'interrupted' else 'training'}", log)
-        if dry_run:
-            if state == "finished" and missing_evaluations(run.run_dir, adapter):
-                log(f"[sweep] {head}: would evaluate: "
-                    f"{shlex.join(eval_command(run.run_dir, sweep, adapter=missing_evaluations(run.run_dir, adapter)))}")
-            continue
-        todo = missing_evaluations(run.run_dir, adapter) if evaluate else None
-        if todo:
-            _run_logged(eval_command(run.run_dir, sweep, adapter=todo), logs / f"{run.name}.eval.log", eval_env,
-                        f"{head}: lm-eval ({todo} adapter{'s' if todo == 'both' else ''})", log)
-    if sweep.eval.get("base", True) and not dry_run and evaluate:
-        for task in dict.fromkeys(r.task for r in runs):
-            # one "before" row per task, kept in a run directory of the task where the report finds it
-            of_task = [r for r in every if r.task == task]
-            if any((r.run_dir / "eval" / "base.json").is_file() for r in of_task):
-                continue
-            home = next(r for r in of_task if (r.run_dir / "config.yaml").is_file())
-            _run_logged(eval_command(home.run_dir, sweep, base_only=True), logs / f"{task}-base.eval.log",
-                        eval_env, f"{task}: lm-eval of the base model", log)
     if dry_run:
+        _log_plan(sweep, runs, log)
         return None
-    extra = []
-    if sweep.grid_families:
-        selection = select(sweep)
-        path = write_selection(sweep, selection)
-        extra.append(render_selection(selection))
-        log(f"[sweep] validation selection: {path}")
-    if not sweep.report:
-        return None
+    env, eval_env = _child_env(sweep.ranks), _child_env(1)  # lm-eval is one process: it gets every core
+    for i, run in enumerate(runs, 1):
+        head = f"run {i}/{len(runs)} {run.name}"
+        _train(run, head, env, log)
+        if evaluate:
+            _evaluate_run(run, head, eval_env, log)
+    if sweep.eval.base and evaluate:
+        _evaluate_base_models(sweep, runs, eval_env, log)
+    extra = [_select_grid_settings(sweep, log)] if sweep.grid_families else []
+    return _write_sweep_report(sweep, extra, log) if sweep.report else None
+
+
+def _log_plan(sweep: Sweep, runs: list[PlannedRun], log) -> None:
+    """--dry-run: what each run would do, nothing started."""
+    for i, run in enumerate(runs, 1):
+        head = f"run {i}/{len(runs)} {run.name}"
+        state = run.state
+        if state != "finished":
+            log(f"[sweep] {head} ({state}): {shlex.join(train_command(run))}")
+            continue
+        log(f"[sweep] {head}: finished already, skipped")
+        todo = missing_evaluations(run.run_dir, sweep.eval.adapter)
+        if todo:
+            log(f"[sweep] {head}: would evaluate: {shlex.join(eval_command(run.run_dir, sweep, adapter=todo))}")
+
+
+def _train(run: PlannedRun, head: str, env: dict[str, str], log) -> None:
+    """Train a new run, resume an interrupted one, leave a finished one alone."""
+    state = run.state
+    if state == "finished":
+        log(f"[sweep] {head}: finished already, skipped")
+        return
+    _run_logged(train_command(run), run.sweep.log_dir / f"{run.name}.log", env,
+                f"{head}: {'resuming' if state == 'interrupted' else 'training'}", log)
+
+
+def _evaluate_run(run: PlannedRun, head: str, env: dict[str, str], log) -> None:
+    """lm-eval the adapters of a finished run that have no results file yet."""
+    todo = missing_evaluations(run.run_dir, run.sweep.eval.adapter)
+    if todo:
+        _run_logged(eval_command(run.run_dir, run.sweep, adapter=todo), run.sweep.log_dir / f"{run.name}.eval.log",
+                    env, f"{head}: lm-eval ({todo} adapter{'s' if todo == 'both' else ''})", log)
+
+
+def _evaluate_base_models(sweep: Sweep, runs: list[PlannedRun], env: dict[str, str], log) -> None:
+    every = sweep.runs()
+    for task in dict.fromkeys(r.task for r in runs):
+        # one "before" row per task, kept in a run directory of the task where the report finds it
+        of_task = [r for r in every if r.task == task]
+        if any((r.run_dir / EVAL / BASE_RESULTS).is_file() for r in of_task):
+            continue
+        home = next(r for r in of_task if is_run_dir(r.run_dir))
+        _run_logged(eval_command(home.run_dir, sweep, base_only=True), sweep.log_dir / f"{task}-base.eval.log",
+                    env, f"{task}: lm-eval of the base model", log)
+
+
+def _select_grid_settings(sweep: Sweep, log) -> str:
+    """Choose each grid's setting on validation, write selection.{json,md}; returns the report's section."""
+    selection = select(sweep)
+    path = write_selection(sweep, selection)
+    log(f"[sweep] validation selection: {path}")
+    return render_selection(selection)
+
+
+def _write_sweep_report(sweep: Sweep, extra: list[str], log) -> Path:
+    """The report of every run trained so far, grouped by the sweep's method and task names."""
     from hiddenkey_ds.experiments.report import ReportError, write_report
 
-    started = [r for r in every if (r.run_dir / "config.yaml").is_file()]
+    started = [r for r in sweep.runs() if is_run_dir(r.run_dir)]
     try:
         report = write_report([r.run_dir for r in started], sweep.out_dir / "report",
                               labels={str(r.run_dir): r.method.name for r in started},
@@ -543,8 +592,6 @@ def select(sweep: Sweep, only: dict[str, list[str]] | None = None) -> dict[str, 
     Settings are compared on one set of seeds: those of `only` (seed=...), else every seed that any setting of the
     grid has finished on that task (so a grid stage run with --only seed=0,seed=1 is judged on seeds 0 and 1). A
     setting missing one of them is listed, not chosen."""
-    from hiddenkey_ds.experiments.report import ReportError, load_run
-
     if not sweep.grid_families:
         raise SweepError("this sweep has no grid methods: --select picks among a grid's settings (hint: give a "
                          "method a `grid:` of axes)")
@@ -558,51 +605,61 @@ def select(sweep: Sweep, only: dict[str, list[str]] | None = None) -> dict[str, 
     out: dict[str, Any] = {"sweep": sweep.name, "criterion": CRITERION, "tasks": {}}
     for task in tasks:
         for family, settings in sweep.grid_families.items():
-            finished = {(m.name, seed): PlannedRun(sweep, task, m, seed).run_dir for m in settings for seed in seeds
-                        if (PlannedRun(sweep, task, m, seed).run_dir / "summary.json").is_file()}
-            judged = seeds if only.get("seed") else [s for s in seeds if any(k[1] == s for k in finished)]
-            candidates, warnings = [], set()
-            for m in settings:
-                accs, losses, done = {}, {}, []
-                for seed in judged:
-                    run_dir = finished.get((m.name, seed))
-                    if run_dir is None:
-                        continue
-                    try:
-                        run = load_run(run_dir, m.name)
-                    except ReportError as err:
-                        raise SweepError(str(err)) from None
-                    best = run.best_validation()
-                    if best is None:
-                        warnings.add(f"{run_dir} has no validation accuracy (hint: train with a validation split: "
-                                     "data.validation_from_train)")
-                        continue
-                    if not getattr(run.recipe.data, "validation_from_train", None):
-                        warnings.add("the validation split is not carved from the training data: choosing on it "
-                                     "is choosing on evaluation data (hint: data.validation_from_train)")
-                    accs[seed], losses[seed] = best["accuracy"], best["loss"]
-                    done.append(seed)
-                known_losses = [v for v in losses.values() if v is not None]
-                candidates.append({
-                    "method": m.name, "grid": m.grid, "overrides": m.overrides, "seeds": done,
-                    "best_val_accuracy": [accs[s] for s in done], "best_val_loss": [losses[s] for s in done],
-                    "mean_accuracy": statistics.fmean(accs.values()) if accs else None,
-                    "mean_loss": statistics.fmean(known_losses) if known_losses else None,
-                    "complete": bool(judged) and len(done) == len(judged)})
-            complete = [c for c in candidates if c["complete"]]
-            chosen = min(complete, key=lambda c: (-c["mean_accuracy"], c["mean_loss"] if c["mean_loss"] is not None
-                                                  else float("inf"), c["method"])) if complete else None
-            incomplete = [c["method"] for c in candidates if not c["complete"]]
-            if incomplete and judged:
-                warnings.add(f"{len(incomplete)} setting(s) lack one of seeds {judged} and were not considered: "
-                             f"{', '.join(incomplete[:4])}{' ...' if len(incomplete) > 4 else ''}")
-            out["tasks"].setdefault(task, {})[family] = {
-                "chosen": chosen["method"] if chosen else None,
-                "grid": chosen["grid"] if chosen else None,
-                "overrides": chosen["overrides"] if chosen else None,
-                "mean_best_val_accuracy": chosen["mean_accuracy"] if chosen else None,
-                "seeds": judged, "candidates": candidates, "warnings": sorted(warnings)}
+            out["tasks"].setdefault(task, {})[family] = _select_setting(sweep, task, settings, seeds,
+                                                                        seeds_given=bool(only.get("seed")))
     return out
+
+
+def _select_setting(sweep: Sweep, task: str, settings: list[Method], seeds: list[int],
+                    seeds_given: bool) -> dict[str, Any]:
+    """One grid on one task: every setting judged on the same seeds, the best complete one chosen."""
+    finished = {(m.name, seed): PlannedRun(sweep, task, m, seed).run_dir for m in settings for seed in seeds
+                if is_finished(PlannedRun(sweep, task, m, seed).run_dir)}
+    judged = seeds if seeds_given else [s for s in seeds if any(k[1] == s for k in finished)]
+    warnings: set[str] = set()
+    candidates = [_candidate(m, {s: finished[(m.name, s)] for s in judged if (m.name, s) in finished}, judged,
+                             warnings) for m in settings]
+    complete = [c for c in candidates if c["complete"]]
+    chosen = min(complete, key=lambda c: (-c["mean_accuracy"], c["mean_loss"] if c["mean_loss"] is not None
+                                          else float("inf"), c["method"])) if complete else None
+    incomplete = [c["method"] for c in candidates if not c["complete"]]
+    if incomplete and judged:
+        warnings.add(f"{len(incomplete)} setting(s) lack one of seeds {judged} and were not considered: "
+                     f"{', '.join(incomplete[:4])}{' ...' if len(incomplete) > 4 else ''}")
+    return {"chosen": chosen["method"] if chosen else None,
+            "grid": chosen["grid"] if chosen else None,
+            "overrides": chosen["overrides"] if chosen else None,
+            "mean_best_val_accuracy": chosen["mean_accuracy"] if chosen else None,
+            "seeds": judged, "candidates": candidates, "warnings": sorted(warnings)}
+
+
+def _candidate(setting: Method, run_dirs: dict[int, Path], judged: list[int], warnings: set[str]) -> dict[str, Any]:
+    """A setting's best validation accuracy and loss per finished seed (`run_dirs`), their means, and whether it
+    has every judged seed; what makes the comparison doubtful goes into `warnings`."""
+    from hiddenkey_ds.experiments.report import ReportError, load_run
+
+    accs, losses, done = {}, {}, []
+    for seed, run_dir in run_dirs.items():
+        try:
+            run = load_run(run_dir, setting.name)
+        except ReportError as err:
+            raise SweepError(str(err)) from None
+        best = run.best_validation()
+        if best is None:
+            warnings.add(f"{run_dir} has no validation accuracy (hint: train with a validation split: "
+                         "data.validation_from_train)")
+            continue
+        if not run.recipe.data.validation_from_train:
+            warnings.add("the validation split is not carved from the training data: choosing on it "
+                         "is choosing on evaluation data (hint: data.validation_from_train)")
+        accs[seed], losses[seed] = best["accuracy"], best["loss"]
+        done.append(seed)
+    known_losses = [v for v in losses.values() if v is not None]
+    return {"method": setting.name, "grid": setting.grid, "overrides": setting.overrides, "seeds": done,
+            "best_val_accuracy": [accs[s] for s in done], "best_val_loss": [losses[s] for s in done],
+            "mean_accuracy": statistics.fmean(accs.values()) if accs else None,
+            "mean_loss": statistics.fmean(known_losses) if known_losses else None,
+            "complete": bool(judged) and len(done) == len(judged)}
 
 
 def render_selection(selection: dict[str, Any]) -> str:

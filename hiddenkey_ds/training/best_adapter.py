@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-BEST_DIR = "adapter_best"
+from hiddenkey_ds.run_dir import ADAPTER_DIRS
+
+BEST_DIR = ADAPTER_DIRS["best"]
 
 
 def better(candidate: dict[str, float], best: dict[str, Any] | None) -> bool:

@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 
 from hiddenkey_ds.config.keys import flatten
-
-COMPLETE = "COMPLETE"
+from hiddenkey_ds.run_dir import ADAPTER_META, CHECKPOINT_COMPLETE as COMPLETE, CHECKPOINTS
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def _step_of(path: Path) -> int:
@@ -127,9 +126,6 @@ def _gathered(params: list[torch.nn.Parameter]):
     from contextlib import nullcontext
 
     return nullcontext()
-
-
-ADAPTER_META = "hiddenkey_ds.json"   # beside the PEFT files: which step the adapter is from (PEFT ignores it)
 
 
 def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from hiddenkey_ds.config import FINISHED_MARKER, Recipe, RecipeError
+from hiddenkey_ds.config import Recipe, RecipeError
+from hiddenkey_ds.run_dir import CONFIG, FINISHED_MARKER
 
 
 @dataclass
@@ -45,7 +46,7 @@ def check_run_dir(recipe: Recipe) -> RunDirState:
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return RunDirState()  # nothing to continue from: a fresh start
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG
     hint = (f"hint: resume with the run's own settings, e.g. `python -m hiddenkey_ds.train {config} "
             "run.resume=true`, or start a new run in another run.output_dir; only train.log_every, "
             "train.save_every, train.keep_checkpoints and eval.* may change on resume")

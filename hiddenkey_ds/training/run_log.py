@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hiddenkey_ds import run_dir as layout
+
 
 def peak_memory_gib() -> float:
     """Peak accelerator memory of this process, or peak resident memory on CPU."""
@@ -60,7 +62,7 @@ class MetricsWindow:
 class RunLogger:
     def __init__(self, run_dir: Path, rank: int, total_steps: int, alpha: float) -> None:
         self.run_dir, self.rank, self.total_steps, self.alpha = Path(run_dir), rank, total_steps, alpha
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / layout.METRICS
         self.started = time.time()
         self.bar = None
         if rank == 0:
@@ -89,14 +91,14 @@ class RunLogger:
     def start(self, recipe, ds_config: dict, data_report: Any, model) -> None:
         if self.rank != 0:
             return
-        _atomic_write(self.run_dir / "config.yaml", recipe.to_yaml())
-        _atomic_write(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+        _atomic_write(self.run_dir / layout.CONFIG, recipe.to_yaml())
+        _atomic_write(self.run_dir / layout.DS_CONFIG, json.dumps(ds_config, indent=2))
         self.metrics_path.write_text("")
         # under ZeRO-3 a parameter's own numel is its (empty) local partition
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.info(f"run dir: {self.run_dir}")
         self.info(f"model: {recipe.model.name} | dropout: {recipe.dropout.describe()} | trainable params: {trainable:,}")
-        _atomic_write(self.run_dir / "data_report.json", json.dumps(data_report.to_dict(), indent=2))
+        _atomic_write(self.run_dir / layout.DATA_REPORT, json.dumps(data_report.to_dict(), indent=2))
         self.info(data_report.summary())
         self.info(f"DeepSpeed: ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}, "
                   f"global batch {ds_config['train_batch_size']}, {self.total_steps} steps")
@@ -143,6 +145,6 @@ class RunLogger:
 
     def finish(self, step: int, final_eval: dict[str, float] | None, best: dict[str, Any] | None = None) -> None:
         summary = {"steps": step, "wall_time_s": round(time.time() - self.started, 1),
-                   "final_eval": final_eval, "adapter": str(self.run_dir / "adapter"), "best": best}
-        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.info(f"done: adapter in {self.run_dir / 'adapter'}")
+                   "final_eval": final_eval, "adapter": str(self.run_dir / layout.ADAPTER_DIRS["final"]), "best": best}
+        _atomic_write(self.run_dir / layout.SUMMARY, json.dumps(summary, indent=2))
+        self.info(f"done: adapter in {self.run_dir / layout.ADAPTER_DIRS['final']}")
