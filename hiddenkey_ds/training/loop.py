@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hiddenkey_ds.config import FINISHED_MARKER, RecipeError, load_recipe
+from hiddenkey_ds.config import RecipeError, load_recipe
 from hiddenkey_ds.distributed import free_port, is_rank_zero, launcher_world_size
+from hiddenkey_ds.run_dir import ADAPTER_DIRS, CONFIG, DS_CONFIG, FINISHED_MARKER
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
 from hiddenkey_ds.training.run_log import RunLogger, all_reduce_cpu
 
@@ -52,7 +53,7 @@ def check_ds_config_unchanged(run_dir: Path, ds_config: dict) -> None:
     """On resume: the DeepSpeed JSON a run name points at may have been edited since the run started."""
     import json
 
-    saved = run_dir / "ds_config.json"
+    saved = run_dir / DS_CONFIG
     if not saved.is_file():
         return
     before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "tensorboard"}
@@ -273,8 +274,8 @@ def run_steps(s: Session) -> None:
 
 
 def finish(s: Session) -> None:
-    """Final validation, the last checkpoint, the PEFT adapter, then summary.json (written last: a run with it is
-    finished and never overwritten)."""
+    """Final validation, the last checkpoint, the PEFT adapter, then the summary (FINISHED_MARKER, written last: a
+    run with it is finished and never overwritten)."""
     from hiddenkey_ds.training.checkpoint import save_adapter, save_checkpoint
 
     t = s.recipe.train
@@ -284,7 +285,7 @@ def finish(s: Session) -> None:
         s.log.eval_line(s.step, final_eval)
         s.best.consider(s.model, s.step, final_eval)
     save_checkpoint(s.engine, s.run_dir, s.step, s.checkpoint_state(), t.keep_checkpoints)
-    save_adapter(s.model, s.run_dir / "adapter", meta={"kind": "final", "step": s.step})
+    save_adapter(s.model, s.run_dir / ADAPTER_DIRS["final"], meta={"kind": "final", "step": s.step})
     if dist.get_rank() == 0:
         s.log.finish(s.step, final_eval, s.best.state())
     dist.barrier()
@@ -292,6 +293,6 @@ def finish(s: Session) -> None:
 
 
 def write_resolved_recipe(run_dir: Path, recipe) -> None:
-    tmp = run_dir / "config.yaml.tmp"
+    tmp = run_dir / f"{CONFIG}.tmp"
     tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, run_dir / "config.yaml")
+    os.replace(tmp, run_dir / CONFIG)
