@@ -306,7 +306,8 @@ def test_real_rte_train_then_local_file_eval(tmp_path):
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200,
     )
     assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-3000:]
-    [path] = evaluate.run_eval(run_dir, limit=16, batch_size=8, log=lambda *_: None)
+    # the recipe keeps adapter_best/ too (issue 8); this test is about the local-file task: the final adapter
+    [path] = evaluate.run_eval(run_dir, limit=16, batch_size=8, adapter="final", log=lambda *_: None)
     result = json.loads(path.read_text())
     assert result["hiddenkey_ds"]["tasks"] == ["hk_rte_local"]
     assert result["hiddenkey_ds"]["task_metadata"] == {"rte_dir": str(RTE.resolve())}
