@@ -21,6 +21,7 @@ A foundation module: it imports nothing of the package, so every layer may use i
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -50,6 +51,13 @@ def results_name(kind: str | None, quantized: bool = False) -> str:
     """File name in eval/ of an adapter kind's results (kind None: an adapter outside a run, stored as
     results.json)."""
     return f"{RESULT_STEMS[kind or 'final']}{QUANTIZED_SUFFIX if quantized else ''}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a run-directory file whole: a reader (a resume, an evaluation, a report) never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -20,7 +20,7 @@ ALLOWED = {
     "method": set(),
     "data": {"errors", "run_dir"},
     "config": {"errors", "resources", "run_dir", "method", "data"},
-    "models": {"errors", "run_dir", "data"},
+    "models": {"errors", "distributed", "run_dir", "data"},
     "training": FOUNDATION | {"method", "data", "config", "models"},
     "evaluation": FOUNDATION | {"data", "config", "models"},
     "planning": {"errors", "resources", "run_dir", "method", "config", "models"},

@@ -31,6 +31,7 @@ from hiddenkey_ds.config.schema import EvalSection, Recipe
 from hiddenkey_ds.resources import resource_dir
 from hiddenkey_ds.run_dir import (
     ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished, is_run_dir, results_name,
+    write_atomic,
 )
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
@@ -338,9 +339,7 @@ def _write(results: dict[str, Any], path: Path) -> None:
     from lm_eval.utils import handle_non_serializable
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    os.replace(tmp, path)  # a reader never sees half a file
+    write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
 
 
 def primary_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:

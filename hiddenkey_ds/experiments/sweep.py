@@ -613,8 +613,8 @@ def select(sweep: Sweep, only: dict[str, list[str]] | None = None) -> dict[str, 
 def _select_setting(sweep: Sweep, task: str, settings: list[Method], seeds: list[int],
                     seeds_given: bool) -> dict[str, Any]:
     """One grid on one task: every setting judged on the same seeds, the best complete one chosen."""
-    finished = {(m.name, seed): PlannedRun(sweep, task, m, seed).run_dir for m in settings for seed in seeds
-                if is_finished(PlannedRun(sweep, task, m, seed).run_dir)}
+    run_dirs = {(m.name, seed): PlannedRun(sweep, task, m, seed).run_dir for m in settings for seed in seeds}
+    finished = {key: run_dir for key, run_dir in run_dirs.items() if is_finished(run_dir)}
     judged = seeds if seeds_given else [s for s in seeds if any(k[1] == s for k in finished)]
     warnings: set[str] = set()
     candidates = [_candidate(m, {s: finished[(m.name, s)] for s in judged if (m.name, s) in finished}, judged,

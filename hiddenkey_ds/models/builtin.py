@@ -97,8 +97,9 @@ def _build_outside_distributed(build: Callable[[Path], dict], directory: Path) -
         return build(directory)
     code = ("import json, sys; from pathlib import Path; import hiddenkey_ds.models.builtin as b; "
             "print(json.dumps(getattr(b, sys.argv[1])(Path(sys.argv[2]))))")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    from hiddenkey_ds.distributed import single_process_env
+
+    env = single_process_env(dict(os.environ))
     proc = subprocess.run([sys.executable, "-c", code, build.__name__, str(directory)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from hiddenkey_ds.config import RecipeError, load_recipe
 from hiddenkey_ds.distributed import free_port, is_rank_zero, launcher_world_size
-from hiddenkey_ds.run_dir import ADAPTER_DIRS, CONFIG, DS_CONFIG, FINISHED_MARKER
+from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
 from hiddenkey_ds.training.run_log import RunLogger, all_reduce_cpu
 
@@ -237,7 +237,7 @@ def resume(s: Session, state) -> None:
     s.log.resume_clock(client.get("elapsed_s"))
     s.log.truncate_after(s.step)
     if dist.get_rank() == 0 and state.safe_changes:
-        write_resolved_recipe(s.run_dir, s.recipe)  # evaluation and reports read the settings in use now
+        s.log.write_recipe(s.recipe)  # evaluation and reports read the settings in use now
         s.log.info("resumed with changed settings: " + ", ".join(
             f"{key} {old!r} -> {new!r}" for key, old, new in state.safe_changes))
     s.log.info(f"resumed from {state.resume_from} at step {s.step}")
@@ -290,9 +290,3 @@ def finish(s: Session) -> None:
         s.log.finish(s.step, final_eval, s.best.state())
     dist.barrier()
     dist.destroy_process_group()
-
-
-def write_resolved_recipe(run_dir: Path, recipe) -> None:
-    tmp = run_dir / f"{CONFIG}.tmp"
-    tmp.write_text(recipe.to_yaml())
-    os.replace(tmp, run_dir / CONFIG)

@@ -3,7 +3,6 @@ resolved config, summary.json (written last: its presence marks a finished run).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -30,12 +29,6 @@ def all_reduce_cpu(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     on_device = tensor.to(get_accelerator().current_device_name())
     dist.all_reduce(on_device, op=op)
     return on_device.cpu()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class MetricsWindow:
@@ -91,17 +84,21 @@ class RunLogger:
     def start(self, recipe, ds_config: dict, data_report: Any, model) -> None:
         if self.rank != 0:
             return
-        _atomic_write(self.run_dir / layout.CONFIG, recipe.to_yaml())
-        _atomic_write(self.run_dir / layout.DS_CONFIG, json.dumps(ds_config, indent=2))
+        self.write_recipe(recipe)
+        layout.write_atomic(self.run_dir / layout.DS_CONFIG, json.dumps(ds_config, indent=2))
         self.metrics_path.write_text("")
         # under ZeRO-3 a parameter's own numel is its (empty) local partition
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.info(f"run dir: {self.run_dir}")
         self.info(f"model: {recipe.model.name} | dropout: {recipe.dropout.describe()} | trainable params: {trainable:,}")
-        _atomic_write(self.run_dir / layout.DATA_REPORT, json.dumps(data_report.to_dict(), indent=2))
+        layout.write_atomic(self.run_dir / layout.DATA_REPORT, json.dumps(data_report.to_dict(), indent=2))
         self.info(data_report.summary())
         self.info(f"DeepSpeed: ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}, "
                   f"global batch {ds_config['train_batch_size']}, {self.total_steps} steps")
+
+    def write_recipe(self, recipe) -> None:
+        """The resolved recipe, which evaluation and reports read as the settings the run used."""
+        layout.write_atomic(self.run_dir / layout.CONFIG, recipe.to_yaml())
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop metric lines of steps the resumed run will redo."""
@@ -109,7 +106,7 @@ class RunLogger:
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        _atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
+        layout.write_atomic(self.metrics_path, "".join(line + "\n" for line in keep))
         if self.bar is not None:
             self.bar.update(step)
 
@@ -146,5 +143,5 @@ class RunLogger:
     def finish(self, step: int, final_eval: dict[str, float] | None, best: dict[str, Any] | None = None) -> None:
         summary = {"steps": step, "wall_time_s": round(time.time() - self.started, 1),
                    "final_eval": final_eval, "adapter": str(self.run_dir / layout.ADAPTER_DIRS["final"]), "best": best}
-        _atomic_write(self.run_dir / layout.SUMMARY, json.dumps(summary, indent=2))
+        layout.write_atomic(self.run_dir / layout.SUMMARY, json.dumps(summary, indent=2))
         self.info(f"done: adapter in {self.run_dir / layout.ADAPTER_DIRS['final']}")
