@@ -558,6 +558,11 @@ def _tail(proc: subprocess.CompletedProcess) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
+def _log_tail(proc: subprocess.CompletedProcess, lines: int = 60) -> dict:
+    """The end of a failed launched run's output for the JSON: on a lent GPU machine it is all there is to read."""
+    return {"log_tail": (proc.stdout + "\n" + proc.stderr).splitlines()[-lines:]}
+
+
 def section_qlora(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path, timeout: float) -> None:
     out = tmp / "qlora"
     overrides = [*run_overrides(env, mdir, out, steps=1), "model.quantization=4bit"]
@@ -577,7 +582,7 @@ def section_qlora(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path,
               "failed: " + ", ".join(k for k, v in checks.items() if not v) + f" ({_tail(proc)})")
     report.add(Row("qlora", "4-bit NF4 + hiddenkey, 1 step, ZeRO-2, `python -m hiddenkey_ds.train`", result[:300], "",
                    peak if env.cuda else None, plan if env.cuda else None,
-                   (plan_status(peak, plan) if env.cuda else "ok") if ok else "FAIL"))
+                   (plan_status(peak, plan) if env.cuda else "ok") if ok else "FAIL", {} if ok else _log_tail(proc)))
 
 
 def section_zero(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path, timeout: float) -> None:
@@ -594,7 +599,7 @@ def section_zero(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path, 
         rows = _metrics(out)
         if proc.returncode != 0 or len(rows) != steps:
             report.add(Row("zero", f"{stage}: {steps} hiddenkey steps, `deepspeed --num_gpus 1`",
-                           f"failed ({proc.returncode}): {_tail(proc)}"[:300], status="FAIL"))
+                           f"failed ({proc.returncode}): {_tail(proc)}"[:300], status="FAIL", extra=_log_tail(proc)))
             continue
         losses[stage] = [r["loss"] for r in rows]
         peaks[stage] = rows[-1]["peak_mem_gib"]
@@ -613,14 +618,6 @@ def section_zero(env: Env, shape: Shape, report: Report, mdir: Path, tmp: Path, 
         worst = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(losses["zero2"], losses["zero3"]))
         report.add(Row("zero", "ZeRO-2 vs ZeRO-3 losses", f"max rel. diff {worst:.1e} (tolerance {tol:g})", "",
                        status="ok" if worst <= tol else "FAIL"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -------------------------------------------------------------------------------------------- main

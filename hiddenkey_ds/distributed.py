@@ -6,6 +6,7 @@ Light on purpose (no torch import): `hiddenkey-ds plan` and the error path of ev
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 
@@ -43,3 +44,30 @@ def free_port() -> int:
 
 def single_process_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in DISTRIBUTED_ENV and not k.startswith(DISTRIBUTED_ENV_PREFIXES)}
+
+
+# An arch-specific CUDA target ("9.0a", "10.0f": PyTorch >= 2.11 accepts them, NVIDIA's images set them) that
+# DeepSpeed <= 0.19's JIT op builder parses with int() and dies on ("invalid literal for int() with base 10: '0a'",
+# deepspeedai/DeepSpeed#7589, fix open as #8619) when it compiles FusedAdam at deepspeed.initialize.
+_ARCH_VARIANT = re.compile(r"^(\d+\.\d+)[a-z]+(\+PTX)?$")
+
+
+def deepspeed_safe_arch_list(environ: dict[str, str] | None = None) -> str | None:
+    """Rewrite TORCH_CUDA_ARCH_LIST's variant targets to their base arch ("9.0a" -> "9.0") in ``environ``
+    (default: this process's environment) so that DeepSpeed's op builder can parse the list; return a line for
+    the log when something was rewritten. The ops DeepSpeed JIT-builds here (FusedAdam) use no arch-specific
+    instruction, so the base target loses nothing."""
+    environ = os.environ if environ is None else environ
+    before = environ.get("TORCH_CUDA_ARCH_LIST", "")
+    tokens = before.replace(";", " ").split()
+    after = []
+    for token in tokens:
+        match = _ARCH_VARIANT.match(token)
+        token = f"{match.group(1)}{match.group(2) or ''}" if match else token
+        if token not in after:
+            after.append(token)
+    if not tokens or after == tokens:
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = ";".join(after)
+    return (f"TORCH_CUDA_ARCH_LIST={before!r} -> {environ['TORCH_CUDA_ARCH_LIST']!r} for this run: DeepSpeed's "
+            f"op builder cannot parse arch variants such as 9.0a (deepspeedai/DeepSpeed#7589)")

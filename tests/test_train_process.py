@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from hiddenkey_ds.distributed import DISTRIBUTED_ENV, single_process_env
+import pytest
+
+from hiddenkey_ds.distributed import DISTRIBUTED_ENV, deepspeed_safe_arch_list, single_process_env
 from hiddenkey_ds.evaluation.command import eval_command
 
 
@@ -16,6 +18,25 @@ def test_evaluation_after_training_gets_a_single_process_environment():
             "HIDDENKEY_DS_CACHE": "/c", "NCCL_DEBUG": "INFO"}
     assert single_process_env({**launcher, **kept}) == kept
     assert {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= DISTRIBUTED_ENV
+
+
+@pytest.mark.parametrize("before,after", [
+    ("9.0a", "9.0"),                      # what the H200 image sets: DeepSpeed 0.19.8 died on int('0a')
+    ("8.0 8.6 9.0a+PTX", "8.0;8.6;9.0+PTX"),
+    ("9.0;9.0a;10.0f;12.0a", "9.0;10.0;12.0"),
+])
+def test_arch_variants_are_rewritten_for_deepspeeds_op_builder(before, after):
+    env = {"TORCH_CUDA_ARCH_LIST": before}
+    note = deepspeed_safe_arch_list(env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == after and before in note and "DeepSpeed" in note
+    # what DeepSpeed's builder does with the list: every minor part must parse as an int
+    assert all(int(cc.split(".")[1].split("+")[0]) >= 0 for cc in after.split(";"))
+
+
+@pytest.mark.parametrize("value", ["8.0;8.6;9.0+PTX", "7.5 8.0", ""])
+def test_parseable_arch_lists_are_left_alone(value):
+    env = {"TORCH_CUDA_ARCH_LIST": value} if value else {}
+    assert deepspeed_safe_arch_list(env) is None and env.get("TORCH_CUDA_ARCH_LIST", "") == value
 
 
 def test_evaluation_after_training_is_the_eval_command_with_the_recipes_settings(tmp_path):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hiddenkey_ds.config import RecipeError, load_recipe
-from hiddenkey_ds.distributed import free_port, is_rank_zero, launcher_world_size
+from hiddenkey_ds.distributed import deepspeed_safe_arch_list, free_port, is_rank_zero, launcher_world_size
 from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
 from hiddenkey_ds.training.run_log import RunLogger, all_reduce_cpu
@@ -207,6 +207,7 @@ def start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report) -> S
 
     model, _ = load_model(recipe, ds_config)
     objective = HiddenKeyObjective(model, recipe.dropout, chunk_tokens=t.loss_chunk_tokens)
+    arch_note = deepspeed_safe_arch_list()  # before DeepSpeed JIT-builds its fused Adam
     engine, _, _, _ = deepspeed.initialize(
         model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lr_scheduler_factory(recipe, total_steps))
@@ -220,6 +221,8 @@ def start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report) -> S
         resume(session, state)
     else:
         log.start(recipe, ds_config, data_report, model)
+    if arch_note:
+        log.info(arch_note)
     partitioned = zero3_partition_line(model)
     if partitioned:
         log.info(partitioned)
