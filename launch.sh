@@ -20,7 +20,8 @@
 #   hostfile  --hostfile FILE ("host slots=N" lines, DeepSpeed's format): starts node i of the file on host i
 #             over pdsh (or ssh, HKDS_REMOTE=ssh) in the same directory; with --node-rank R it runs only node R
 #             here, without ssh (start each node yourself: same command, R = 0..N-1, same --master-addr)
-#   slurm     inside sbatch/salloc (SLURM_JOB_ID set): head node from `scontrol show hostnames`, one launcher per
+#   slurm     inside sbatch/salloc (SLURM_JOB_ID set): head node from `scontrol show hostnames` (its address from
+#             `scontrol show node`: NodeAddr), one launcher per
 #             node via srun with its node rank (SLURM_NODEID), no ssh, environment propagated (--export=ALL)
 #
 # Options (before RECIPE.yaml; everything after it goes to `python -m hiddenkey_ds.train` untouched):
@@ -399,7 +400,15 @@ read_slurm_allocation() {  # SLURM mode -> HOSTS[] SLOTS[] WORLD MASTER_ADDR_VAL
     SLOTS=()
     for _ in "${HOSTS[@]}"; do SLOTS+=("$rpn"); done
     WORLD=$((rpn * ${#HOSTS[@]}))
-    MASTER_ADDR_VALUE=${MASTER_ADDR_OPT:-${HOSTS[0]}}
+    MASTER_ADDR_VALUE=${MASTER_ADDR_OPT:-$(slurm_node_addr "${HOSTS[0]}")}
+}
+
+# A node's address as SLURM knows it (its NodeAddr), not its name: node names need not resolve on the nodes
+# (a cluster whose names live only in slurm.conf). Falls back to the name where scontrol gives no address.
+slurm_node_addr() {
+    local addr
+    addr=$(scontrol show node "$1" 2>/dev/null | sed -n 's/.*NodeAddr=\([^[:space:]]*\).*/\1/p' | head -n 1) || addr=""
+    if [[ -n $addr && $addr != "(null)" ]]; then echo "$addr"; else echo "$1"; fi
 }
 
 # Variables carried to pdsh/ssh nodes (SLURM's srun carries the whole environment itself).

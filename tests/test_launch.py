@@ -159,6 +159,21 @@ def test_dry_run_slurm_gpus_win_over_tasks_and_env_is_tuned(tmp_path):
         assert "--num_gpus" not in cmd  # GPUs come from the hostfile's slots
 
 
+def test_slurm_rendezvous_uses_the_head_nodes_address_not_its_name(tmp_path):
+    """Node names in slurm.conf need not resolve on the nodes: the master address is the head node's NodeAddr
+    (`scontrol show node`), as on the one-host test cluster of tests/slurm/cluster.sh (n1, n2 at 127.0.0.1)."""
+    env = slurm_env("n[1-2]", FAKE_NODE_ADDR="10.1.2.3", HKDS_CPU_RANKS="1")
+    res = launch(["--dry-run", "--run-dir", str(tmp_path), str(TINY)], env)
+    assert res.returncode == 0, res.stderr
+    comments, (srun, *nodes) = parse_dry_run(res.stdout)
+    assert any("nodes=2 world=2 master=10.1.2.3:" in c for c in comments), comments
+    assert opt(srun, "--master-addr") == "10.1.2.3"
+    assert [opt(cmd, "--master_addr") for cmd in nodes] == ["10.1.2.3", "10.1.2.3"]
+    # --master-addr still wins
+    res = launch(["--dry-run", "--master-addr", "head", "--run-dir", str(tmp_path), str(TINY)], env)
+    assert all(opt(cmd, "--master_addr") == "head" for cmd in parse_dry_run(res.stdout)[1][1:])
+
+
 def test_slurm_batch_copy_finds_the_submitted_script(tmp_path):
     spool = tmp_path / "spool"
     spool.mkdir()
