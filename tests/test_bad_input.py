@@ -408,6 +408,15 @@ def test_demo_bad_ranks_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def test_recipe_check_bad_world_size_is_a_usage_error(capsys):
+    from hiddenkey_ds.config.__main__ import main as check_recipe
+
+    with pytest.raises(SystemExit) as info:
+        check_recipe([str(TINY), "--world-size", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("--world-size 0: a run has at least one rank (hint: ") == 1, err
+
+
 def test_launch_bad_hostfile(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=two\n")
