@@ -76,7 +76,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
                           f"offset {err.start}) (hint: a recipe is a YAML text file; re-encode it as UTF-8, or check "
                           "that the path names the recipe and not another file)") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+        raise RecipeError(f"{path} is not valid YAML: {err} (hint: fix it at the line and column named; a file cut "
+                          "off ends inside an open bracket or quote)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -356,7 +356,8 @@ def load_sweep(path: str | Path, check_recipes: bool = True) -> Sweep:
                          f"{err.start}) (hint: a sweep file is YAML text, see recipes/sweeps/; re-encode it as "
                          "UTF-8)") from None
     except yaml.YAMLError as err:
-        raise SweepError(f"{p} is not valid YAML: {err}") from None
+        raise SweepError(f"{p} is not valid YAML: {err} (hint: fix it at the line and column named; a file cut off "
+                         "ends inside an open bracket or quote)") from None
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as err:
