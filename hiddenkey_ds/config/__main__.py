@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.recipe:
         parser.error("a recipe file is required")
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size {args.world_size}: a run has at least one rank (hint: --world-size 1 or more)")
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
         from hiddenkey_ds.config.deepspeed import resolve_ds_config

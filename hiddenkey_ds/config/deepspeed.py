@@ -48,9 +48,10 @@ def find_ds_config(name: str) -> Path:
 def load_ds_json(name: str) -> dict[str, Any]:
     path = find_ds_config(name)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"run.deepspeed: {path} is not valid JSON: {err}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecipeError(f"run.deepspeed: {path} is not valid JSON: {err} (hint: a DeepSpeed config is a JSON "
+                          f"text file; one of {', '.join(BUILTIN_DS_CONFIGS)} works as is)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"run.deepspeed: {path} holds a {type(data).__name__}, not a JSON object")
     return data

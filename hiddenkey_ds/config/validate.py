@@ -61,12 +61,23 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     from hiddenkey_ds.resources import shipped_recipe
 
     path = shipped_recipe(path) or Path(path)  # `recipes/x.yaml` outside a checkout: the installed copy
+    if path.is_dir():
+        raise RecipeError(f"recipe file {str(path)!r} is a directory (hint: give a recipe YAML file, e.g. "
+                          "recipes/tiny-lora.yaml)")
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist (hint: recipes live in recipes/*.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read ({err.strerror}) (hint: check its "
+                          "permissions)") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                          f"offset {err.start}) (hint: a recipe is a YAML text file; re-encode it as UTF-8, or check "
+                          "that the path names the recipe and not another file)") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+        raise RecipeError(f"{path} is not valid YAML: {err} (hint: fix it at the line and column named; a file cut "
+                          "off ends inside an open bracket or quote)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -29,14 +29,65 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix in BUILDERS
 
 
-def _load_file(path: Path, split: str):
+def check_utf8(path: Path, key: str = "data.path") -> None:
+    """A text data file (json, jsonl, csv, tsv) must be UTF-8: pyarrow reads any bytes into its string columns and
+    fails only when a row is first converted to Python, deep inside tokenizing. Read once here, in blocks, so the
+    message names the file, line and byte; a file that is not text at all (a binary renamed .jsonl) fails too."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # the start of a character the previous block cut
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:  # err.object: the pending bytes + this block
+                at = offset - pending + err.start
+                line += err.object[:err.start].count(b"\n")
+                raise RecipeError(
+                    f"{key}: {path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset {at} (line {line}) "
+                    f"cannot be decoded (hint: re-encode the file, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+                    f"fixed{path.suffix}`, or check that it is a {path.suffix[1:]} file at all)") from None
+            line += block.count(b"\n")
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise RecipeError(f"{key}: {path} is not UTF-8 text: it ends inside a multi-byte character (offset "
+                              f"{offset}), so it was cut off (hint: copy the file again)") from None
+
+
+def _check_parquet(path: Path, key: str) -> None:
+    """A parquet file starts and ends with the magic bytes PAR1 (a cut-off copy loses the footer)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4)
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        what = "is cut off (no footer)" if head == b"PAR1" else "is not a parquet file"
+        raise RecipeError(f"{key}: {path} {what}: parquet files begin and end with the bytes PAR1 (hint: copy the "
+                          "file again, or give it the suffix of its real format: .jsonl, .csv or .tsv)")
+
+
+def _load_file(path: Path, split: str, key: str = "data.path"):
     import datasets
 
     builder, kwargs = BUILDERS[path.suffix]
+    if builder != "parquet":
+        check_utf8(path, key)
+    else:
+        _check_parquet(path, key)
     try:
         return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
     except Exception as err:  # datasets raises many types for unreadable files; the user needs the file name
-        raise RecipeError(f"data.path: cannot read {path} as {builder}: {type(err).__name__}: {err}") from err
+        root = err  # datasets wraps the reader's error ("An error occurred while generating the dataset")
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        first = str(root).strip().splitlines()[0] if str(root).strip() else ""
+        raise RecipeError(f"{key}: cannot read {path} as {builder}: {type(root).__name__}: {first} (hint: check that "
+                          f"the file is complete and valid {path.suffix[1:]})") from None
 
 
 def split_files(directory: Path) -> dict[str, Path]:
@@ -94,7 +145,7 @@ def _load_eval_file(eval_path: str):
     eval_file = Path(eval_path).expanduser()
     if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
         raise RecipeError(f"data.eval_path: {eval_path!r} is not a {'/'.join(BUILDERS)} file")
-    return _load_file(eval_file, "validation")
+    return _load_file(eval_file, "validation", "data.eval_path")
 
 
 def _load_toy(wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:

@@ -86,7 +86,10 @@ def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
 
     path = Path(run_dir) / CONFIG
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}) "
+                        f"(hint: {CONFIG} is written by the training loop; a damaged copy cannot be read)") from None
     except OSError as err:
         raise EvalError(f"{run_dir} is not a run directory: cannot read {path} ({err.strerror}) (hint: give the "
                         f"directory a training run wrote, the one holding {CONFIG} and {ADAPTER_DIRS['final']}/)"
@@ -106,9 +109,10 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvalError(f"{path} is not JSON ({err}); the run wrote it atomically, so it was edited since") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalError(f"{path} is not JSON ({err}); the run wrote it atomically, so it was edited or damaged "
+                        "since (hint: copy the run directory again)") from None
 
 
 def available_adapters(run_dir: Path) -> list[str]:
@@ -148,12 +152,14 @@ def resolve_target(path_or_name: str, base: str | None = None, base_only: bool =
         recipe = read_run_recipe(p)
         kinds = [] if base_only else chosen_kinds(p, adapter)
         adapters = {k: (p / ADAPTER_DIRS[k]).resolve() for k in kinds}
+        for directory in adapters.values():
+            check_adapter(directory)
         return Target(base or recipe.model.name, adapters, p.resolve(), recipe, read_summary(p))
     if (p / ADAPTER_CONFIG).is_file():
         if adapter not in (None, "final"):
             raise EvalError(f"{p} is a single adapter, not a run directory: --adapter {adapter} needs a run's "
                             f"{ADAPTER_DIRS['best']}/ (hint: pass the run directory, or drop --adapter)")
-        adapter_base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        adapter_base = check_adapter(p).get("base_model_name_or_path")
         chosen = base or adapter_base
         if not chosen:
             raise EvalError(f"{p}/{ADAPTER_CONFIG} names no base model (hint: pass --base MODEL)")
@@ -164,6 +170,44 @@ def resolve_target(path_or_name: str, base: str | None = None, base_only: bool =
         f"{path_or_name!r} is neither a run directory ({CONFIG}) nor a PEFT adapter ({ADAPTER_CONFIG}) "
         "(hint: to evaluate a model without adapter use --base-only)"
     )
+
+
+def check_adapter(directory: Path) -> dict[str, Any]:
+    """The adapter's PEFT config (a JSON mapping) and weights (complete and readable), checked here, so that a
+    truncated or corrupt adapter is one message before lm-eval starts rather than a loader traceback after the
+    base model loaded. Returns the config."""
+    config_path = directory / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalError(f"{config_path} cannot be read as JSON ({type(err).__name__}: {err}) (hint: the adapter "
+                        "is damaged; copy it again from where it was trained)") from None
+    if not isinstance(config, dict):
+        raise EvalError(f"{config_path} holds a {type(config).__name__}, not PEFT's mapping of settings (hint: the "
+                        "adapter is damaged; copy it again)")
+    weights = [directory / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (directory / n).is_file()]
+    if not weights:
+        raise EvalError(f"{directory}: no adapter weights (adapter_model.safetensors or adapter_model.bin) beside "
+                        f"{ADAPTER_CONFIG} (hint: the adapter was not copied whole; copy the directory again)")
+    try:
+        if weights[0].suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights[0]), framework="pt") as f:  # checks the header covers the file exactly
+                names = list(f.keys())
+                for name in names:
+                    f.get_tensor(name)
+        else:
+            import torch
+
+            names = list(torch.load(weights[0], map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001 - each format reports damage with its own types; the file is the news
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise EvalError(f"{weights[0]} is truncated or corrupt ({type(err).__name__}: {first}) (hint: copy the "
+                        "adapter again from where it was trained)") from None
+    if not names:
+        raise EvalError(f"{weights[0]} holds no tensors (hint: the adapter is damaged; copy it again)")
+    return config
 
 
 def tasks_for_recipe(recipe: Recipe) -> tuple[list[str], dict[str, str]]:
@@ -514,6 +558,50 @@ def _parse_data_dirs(values: list[str]) -> dict[str, str]:
     return out
 
 
+def _argument_problems(args: argparse.Namespace) -> list[str]:
+    """The options, checked before any model or task loads (lm-eval would take a bad one hours later, or silently)."""
+    import math
+
+    problems = []
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        problems.append(f"--limit {args.limit:g}: give a number of examples (>= 1) or a fraction in (0, 1) (hint: "
+                        "--limit 100, or leave it out to score every example)")
+    if args.batch_size is not None and args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size}: must be >= 1 (hint: leave it out for the run's "
+                        "eval.batch_size)")
+    if args.tasks is not None and not [t for t in args.tasks.split(",") if t.strip()]:
+        problems.append(f"--tasks {args.tasks!r} names no task (hint: e.g. --tasks hk_rte, or leave it out for the "
+                        "run's tasks)")
+    for value in args.data_dir:
+        directory = value.partition("=")[2] if "=" in value else value
+        if not Path(directory).expanduser().is_dir():
+            problems.append(f"--data-dir {value}: {directory!r} is not a directory (hint: the directory holding the "
+                            "task's train/dev files, e.g. rte=../shared/data/glue/RTE)")
+    if args.out is not None:
+        out = Path(args.out).expanduser()
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"--out {args.out}: {'is' if existing == out else 'lies under'} the file {existing}, not "
+                            "a directory (hint: choose another --out)")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None:
+            problems.append(f"--device {args.device!r} is not a device (hint: cpu, cuda or cuda:N)")
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device {args.device}: this machine has no CUDA device (hint: --device cpu)")
+    if args.dtype is not None and args.dtype != "auto":
+        import torch
+
+        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+            problems.append(f"--dtype {args.dtype!r} is not a torch dtype (hint: bfloat16, float16, float32 or auto)")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hiddenkey-ds eval", description="Evaluate a run directory, an adapter, or a base model with lm-eval."
@@ -538,10 +626,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="QLoRA runs: also evaluate on the 4-bit base (auto: when bitsandbytes runs here)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     try:
-        if limit is not None and limit <= 0:
-            raise EvalError(f"--limit {args.limit:g}: give a number of examples (>= 1) or a fraction in (0, 1)")
+        problems = _argument_problems(args)
+        if problems:
+            raise EvalError(problems[0] if len(problems) == 1 else
+                            f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
         run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
                  data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
                  dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)

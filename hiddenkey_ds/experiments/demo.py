@@ -94,6 +94,15 @@ def _demo_sweep(args: argparse.Namespace, out: Path, own_recipes: bool) -> Sweep
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise DemoError(f"--seeds takes integers like 0,1,2, got {args.seeds!r} (hint: --seeds 0,1,2)") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise DemoError(f"--seeds {args.seeds!r}: give one or more distinct integers (hint: --seeds 0,1,2)")
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DemoError(f"--out {args.out}: {'is' if blocker == out else 'lies under'} the file {blocker}, not a "
+                        "directory (hint: choose another --out; nothing was written)")
+    if args.ranks < 1:
+        raise DemoError(f"--ranks {args.ranks}: each run needs at least one rank (hint: --ranks 1 runs plain python, "
+                        "--ranks 2 two CPU/GPU ranks under deepspeed)")
     if args.limit is not None and args.limit < 1:
         raise DemoError(f"--limit {args.limit}: give a number of examples per task (hint: --limit 100, or leave it "
                         "out to score every example)")

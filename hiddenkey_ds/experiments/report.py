@@ -167,7 +167,11 @@ def _task_of(recipe: Recipe) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ReportError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}), so "
+                          "not a results file (hint: delete it and re-create it: re-run `hiddenkey-ds eval` for an "
+                          "eval file)") from None
     except json.JSONDecodeError as err:
         raise ReportError(f"{path} is not JSON ({err}) (hint: delete it and re-create it: re-run `hiddenkey-ds eval` "
                           "for an eval file)") from None
@@ -197,7 +201,13 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     metrics = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ReportError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}) "
+                          "(hint: the loop writes it as JSON lines; a damaged copy cannot be read: copy the run "
+                          "directory again)") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 metrics.append(json.loads(line))
@@ -978,6 +988,11 @@ def main(argv: list[str] | None = None) -> int:
             args.primary = args.primary or sweep.primary
         if not run_dirs:
             raise ReportError("no run directories (hint: hiddenkey-ds report RUN_DIR... or --sweep SWEEP.yaml)")
+        target = Path(out).expanduser()
+        blocker = next((p for p in (target, *target.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ReportError(f"--out {out}: {'is' if blocker == target else 'lies under'} the file {blocker}, not a "
+                              "directory (hint: choose another --out; nothing was written)")
         report = write_report(run_dirs, out, labels=labels, tasks=variants, primary=args.primary or "best",
                               baseline=args.baseline)
     except ReportError as err:

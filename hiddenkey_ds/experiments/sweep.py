@@ -347,12 +347,17 @@ def load_sweep(path: str | Path, check_recipes: bool = True) -> Sweep:
 
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise SweepError(f"cannot read sweep file {p}: {err.strerror} (hint: sweep files live in "
                          "recipes/sweeps/)") from None
+    except UnicodeDecodeError as err:
+        raise SweepError(f"sweep file {p} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}) (hint: a sweep file is YAML text, see recipes/sweeps/; re-encode it as "
+                         "UTF-8)") from None
     except yaml.YAMLError as err:
-        raise SweepError(f"{p} is not valid YAML: {err}") from None
+        raise SweepError(f"{p} is not valid YAML: {err} (hint: fix it at the line and column named; a file cut off "
+                         "ends inside an open bracket or quote)") from None
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as err:

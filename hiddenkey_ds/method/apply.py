@@ -36,6 +36,53 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
     return layers
 
 
+def layout_problems(model: torch.nn.Module, config: DropoutConfig) -> list[str]:
+    """What apply_dropout would refuse on `model` (a PreTrainedModel or a PeftModel), as recipe problems
+    (`dropout.KEY: ... (hint: ...)`), found without running it: the start-up checks call this on the model built
+    on the meta device, so that a run stops before its weights and data load. The layout is required only when
+    `config` drops something; dropout.layers must name existing layers whenever the model has them."""
+    base = unwrap_model(model)
+    name = type(base).__name__
+    on = config.describe().split(": ", 1)[-1]
+    try:
+        layers = decoder_layers(base)
+    except ValueError:
+        layers = []
+    if not layers:
+        if not config.active:
+            return []
+        return [f"dropout: {name} has no decoder layers with `self_attn` and `mlp` submodules (the LLaMA layout), "
+                f"which the dropout of this recipe ({on}) attaches to (hint: use a LLaMA-family decoder such as "
+                "LLaMA, Mistral or Qwen2, or dropout.preset=none for plain LoRA)"]
+    problems, n = [], len(layers)
+    spec = config.layers
+    if not isinstance(spec, str) or spec not in ("all", "latter_half"):
+        last = max(spec) if isinstance(spec, list) else int(spec.split("-")[1])
+        if last >= n:
+            shown = spec if isinstance(spec, str) else "[" + ", ".join(map(str, spec)) + "]"
+            problems.append(
+                f"dropout.layers: {shown} reaches layer {last}, but {name} has {n} decoder layer{'s' * (n != 1)} "
+                f"(indices 0-{n - 1}) (hint: dropout.layers=latter_half, all, or a range inside 0-{n - 1})")
+    if not config.active:
+        return problems
+    if config.touches_attention and not base._can_set_attn_implementation():
+        problems.append(
+            f"dropout: {name} does not dispatch attention through transformers' AttentionInterface, so key/attention "
+            "dropout cannot be attached (hint: set dropout.key.rate=0 and dropout.attention.rate=0 and keep only "
+            "hidden dropout with this model, or use a LLaMA-family decoder)")
+    if config.keep_first_tokens:
+        try:
+            decoder = base.get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+        if not isinstance(decoder, torch.nn.Module):
+            problems.append(
+                f"dropout.keep_first_tokens: {config.keep_first_tokens} needs the model's decoder stack "
+                f"(get_decoder()) to find each row's first real tokens, and {name} has none (hint: "
+                "dropout.keep_first_tokens=0)")
+    return problems
+
+
 @dataclass
 class DropoutHandle:
     """What apply_dropout changed on a model; `remove()` restores it."""

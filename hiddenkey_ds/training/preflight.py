@@ -67,13 +67,16 @@ def check_run_dir(recipe: Recipe) -> RunDirState:
 
 
 def check_model(recipe: Recipe) -> None:
-    """The model exists, is a causal LM, has every LoRA target module, and LoRA does not wrap its LM head where
-    the chunked loss would use it twice: from its config alone, on the meta device (no weights are read)."""
+    """The model exists, is a causal LM, has every LoRA target module, has what the method needs (a decoder stack
+    and LM head; with dropout on, LLaMA-layout layers, every layer dropout.layers names, transformers' attention
+    interface for key/attention dropout), the machine runs dropout.key_kernel, and LoRA does not wrap its LM head
+    where the chunked loss would use it twice: from its config alone, on the meta device (no weights are read)."""
     import torch
     from peft import get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from hiddenkey_ds.method.apply import layout_problems
     from hiddenkey_ds.models.builtin import BuiltinModelError
     from hiddenkey_ds.models.loading import ModelLoadError, lora_config, resolve_model_path
 
@@ -117,9 +120,54 @@ def check_model(recipe: Recipe) -> None:
             f"lora.target_modules: {recipe.lora.target_modules} do not all exist in {m.name!r}: "
             f"{str(err).splitlines()[0]} (hint: this model's linear layers: {', '.join(linear)})"
         ]) from None
+    problems = _structure_problems(peft_model, m.name) + layout_problems(peft_model, recipe.dropout) \
+        + _kernel_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
     head = peft_model.get_output_embeddings()
     if isinstance(head, BaseTunerLayer):
         _check_head_used_once(recipe)
+
+
+def _structure_problems(model, name: str) -> list[str]:
+    """What the method's loss (hiddenkey_ds.method.objective) needs of every model, dropout or not: the decoder
+    stack (get_decoder(), whose last_hidden_state the chunked head reads) and the LM head."""
+    import torch
+
+    from hiddenkey_ds.method.apply import unwrap_model
+
+    base = unwrap_model(model)
+    parts = {}
+    for part, getter in (("decoder stack (get_decoder())", "get_decoder"),
+                         ("LM head (get_output_embeddings())", "get_output_embeddings")):
+        try:
+            parts[part] = getattr(base, getter)()
+        except (AttributeError, NotImplementedError):
+            parts[part] = None
+    missing = [part for part, module in parts.items() if not isinstance(module, torch.nn.Module)]
+    if not missing:
+        return []
+    return [f"model.name: {name!r} ({type(base).__name__}) has no {' and no '.join(missing)}, which the chunked "
+            "loss head computes the loss through (hint: use a decoder-only causal LM such as LLaMA, Mistral or "
+            "Qwen2)"]
+
+
+def _kernel_problems(recipe: Recipe) -> list[str]:
+    """dropout.key_kernel=flex on a machine that cannot run the fused kernel's backward: known before any step."""
+    if recipe.dropout.key_kernel != "flex":
+        return []
+    import torch
+
+    from hiddenkey_ds.method import flex
+
+    if not flex.available():
+        return [f"dropout.key_kernel: flex needs FlexAttention (torch >= 2.5), this is torch {torch.__version__} "
+                "(hint: dropout.key_kernel=auto picks the sdpa kernel here)"]
+    if not torch.cuda.is_available():
+        return [f"dropout.key_kernel: flex trains only on CUDA (FlexAttention has no backward on CPU in torch "
+                f"{torch.__version__}) and this machine has no CUDA device (hint: dropout.key_kernel=auto uses the "
+                "fused kernel where CUDA is available and sdpa elsewhere, with the same semantics)"]
+    return []
 
 
 def _check_head_used_once(recipe: Recipe) -> None:
