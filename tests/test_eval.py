@@ -233,7 +233,8 @@ def test_best_and_final_adapters_each_get_their_results_file(adapter, other_adap
         assert ours["provenance"]["versions"]["lm_eval"] == metadata.version("lm_eval")
     assert evaluate.stale_reason(run_dir, best) is None
     # adapter_best/ replaced after the evaluation (a run that was still training): the file is stale now
-    shutil.copyfile(run_dir / "adapter" / "adapter_model.safetensors", run_dir / "adapter_best" / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors"
+    shutil.copyfile(run_dir / "adapter" / weights, run_dir / "adapter_best" / weights)
     assert "evaluated while the run was still training" in evaluate.stale_reason(run_dir, best)
     from hiddenkey_ds.experiments.sweep import missing_evaluations
 

@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -288,10 +289,42 @@ def test_resume_data_check_refuses_and_the_override_accepts(tmp_path):
                                                               f"{'f' * 16} now"]
     same = DataReport("x", "classification", "sst2", 64, sources=[source])
     assert check_data_unchanged(recipe, tmp_path, same) == []
+    # once a resume accepted the change, the next resume compares with the data that segment read
+    (tmp_path / "provenance.json").write_text(json.dumps({"data": [source], "resumes": [{"data": now.sources}]}))
+    assert check_data_unchanged(recipe, tmp_path, now) == []
+    with pytest.raises(RecipeError):
+        check_data_unchanged(recipe, tmp_path, same)
     # the override is not a setting of the run: resuming with it is no recipe change
     from hiddenkey_ds.training.checkpoint import recipe_changes
 
     assert recipe_changes(recipe.model_dump(mode="json"), accepting.model_dump(mode="json")) == ([], [])
+
+
+def test_provenance_json_is_written_at_start_and_a_resume_with_other_code_says_so(tmp_path):
+    from hiddenkey_ds.data.stats import DataReport
+    from hiddenkey_ds.training.loop import record_provenance
+
+    said: list[str] = []
+    log = SimpleNamespace(info=said.append)
+    sources = [{"split": "train", "path": "/d/train.jsonl", "sha256": "a" * 64}]
+    report = DataReport("x", "classification", "sst2", 64, sources=sources)
+    record_provenance(tmp_path, report, "cpu", log, None, rank=0, world_size=2)
+    record = json.loads((tmp_path / "provenance.json").read_text())
+    assert record["world_size"] == 2 and record["data"] == sources and record["resumes"] == []
+    assert record["versions"] == provenance.collect(1)["versions"] and said == []
+
+    record_provenance(tmp_path, report, "cpu", log, [], rank=0, world_size=2)  # same code: nothing said
+    assert said == [] and len(json.loads((tmp_path / "provenance.json").read_text())["resumes"]) == 1
+    record["git_commit"], record["versions"]["torch"] = "0" * 40, "1.0.0"
+    (tmp_path / "provenance.json").write_text(json.dumps({**record, "resumes": []}))
+    record_provenance(tmp_path, report, "cpu", log, [], rank=0, world_size=2)
+    [line] = said
+    assert line.startswith("resumed with other code than the last segment ran: git_commit '0000000000")
+    assert f"torch '1.0.0' -> {torch.__version__!r}" in line
+    [resume] = json.loads((tmp_path / "provenance.json").read_text())["resumes"]
+    assert resume["code_changes"] == line.split(": ", 1)[1].split(", ")
+    record_provenance(tmp_path / "nothing", report, "cpu", log, None, rank=1, world_size=2)  # rank 1 writes nothing
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_report_shows_each_runs_versions_and_warns_where_they_differ(tmp_path):
@@ -318,3 +351,8 @@ def test_report_shows_each_runs_versions_and_warns_where_they_differ(tmp_path):
     assert any("1 run(s) record no provenance.json" in w for w in warnings)
     text = report.read_text()
     assert "## Provenance" in text and "| 2.12.1 |" in text and "Warning: the runs differ in torch" in text
+    # a run still training: its adapter scores are shown with a warning, not refused
+    (runs[2] / "summary.json").unlink()
+    report_mod.write_report(runs, tmp_path / "report2")
+    assert any(str(runs[2]) in w and "has not finished" in w
+               for w in json.loads((tmp_path / "report2" / "report.json").read_text())["warnings"])

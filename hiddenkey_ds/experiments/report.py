@@ -353,8 +353,9 @@ def provenance_table(runs: list[Run]) -> dict[str, Any]:
         values["lm_eval"] = _lm_eval_versions(run)
         resumed = len((run.provenance or {}).get("resumes") or [])
         changed = any(r.get("code_changes") for r in (run.provenance or {}).get("resumes") or [])
-        rows.append({"path": str(run.path), "method": run.method, "seed": run.seed, "recorded": run.provenance is not None,
-                     "resumes": resumed, "code_changed_on_resume": changed, **values})
+        rows.append({"path": str(run.path), "method": run.method, "seed": run.seed,
+                     "recorded": run.provenance is not None, "resumes": resumed, "code_changed_on_resume": changed,
+                     **values})
     warnings = []
     for title in [*_PROVENANCE_COLUMNS, "lm_eval"]:
         seen: dict[Any, list[str]] = {}

@@ -97,7 +97,10 @@ def check_data_unchanged(recipe, run_dir: Path, data_report) -> list[str]:
     saved = run_dir / PROVENANCE
     if not saved.is_file():
         return []  # a run started before provenance was recorded: nothing to compare with
-    changed = data_changes(json.loads(saved.read_text()).get("data") or [], data_report.sources)
+    record = json.loads(saved.read_text())
+    # the data the last segment read: a change accepted on an earlier resume is not refused again
+    last = (record.get("resumes") or [record])[-1]
+    changed = data_changes(last.get("data") or record.get("data") or [], data_report.sources)
     if changed and not recipe.run.accept_data_change:
         raise RecipeError([
             f"run.resume: the data changed since the run started (recorded in {saved}): " + "; ".join(changed)
@@ -106,7 +109,8 @@ def check_data_unchanged(recipe, run_dir: Path, data_report) -> list[str]:
     return changed
 
 
-def record_provenance(run_dir: Path, data_report, device, log, accepted: list[str] | None = None) -> None:
+def record_provenance(run_dir: Path, data_report, device, log, accepted: list[str] | None = None, rank: int = 0,
+                      world_size: int = 1) -> None:
     """Rank 0: provenance.json on a fresh start; on resume one more entry in its `resumes`, and the log says when
     the code or the libraries changed since the last segment."""
     import json
@@ -114,9 +118,9 @@ def record_provenance(run_dir: Path, data_report, device, log, accepted: list[st
 
     from hiddenkey_ds.provenance import code_changes, collect
 
-    if dist.get_rank() != 0:
+    if rank != 0:
         return
-    now = {**collect(dist.get_world_size(), device, data_report.sources), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    now = {**collect(world_size, device, data_report.sources), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = run_dir / PROVENANCE
     if accepted is None or not path.is_file():
         write_atomic(path, json.dumps({**now, "resumes": []}, indent=2))
@@ -241,7 +245,7 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
         recipe = load_recipe(recipe_path, overrides, world_size=dist.get_world_size())
     rank = dist.get_rank()  # finish() leaves the process group
     session = start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report)
-    record_provenance(run_dir, data_report, session.engine.device, session.log, accepted)
+    record_provenance(run_dir, data_report, session.engine.device, session.log, accepted, rank, dist.get_world_size())
     run_steps(session)
     finish(session)
     return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and rank == 0, eval_section=recipe.eval)
