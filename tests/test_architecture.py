@@ -11,14 +11,15 @@ import hiddenkey_ds
 
 PACKAGE = Path(hiddenkey_ds.__file__).resolve().parent
 
-# layer -> the layers it may import (besides itself). Top-level modules: errors, resources, distributed and run_dir
-# are the foundation; cli and train are entry points. run_dir (the run directory's names) is open to every layer
-# but the method, which does no I/O and imports nothing of the package.
-FOUNDATION = {"errors", "resources", "distributed", "run_dir"}
+# layer -> the layers it may import (besides itself). Top-level modules: errors, resources, distributed, run_dir and
+# provenance are the foundation; cli and train are entry points. run_dir (the run directory's names) is open to
+# every layer but the method, which does no I/O and imports nothing of the package; provenance (versions, commit,
+# content hashes) is open to the data layer, which hashes the files it reads.
+FOUNDATION = {"errors", "resources", "distributed", "run_dir", "provenance"}
 ALLOWED = {
     **{name: set() for name in FOUNDATION},
     "method": set(),
-    "data": {"errors", "run_dir"},
+    "data": {"errors", "run_dir", "provenance"},
     "config": {"errors", "resources", "run_dir", "method", "data"},
     "models": {"errors", "distributed", "run_dir", "data"},
     "training": FOUNDATION | {"method", "data", "config", "models"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,24 @@ def test_best_and_final_adapters_each_get_their_results_file(adapter, other_adap
     assert f"peft={(run_dir / 'adapter_best').resolve()}" in best["hiddenkey_ds"]["stock_command"]
     # different weights, different log-likelihoods: the best file really scored the best adapter
     assert final["results"]["hk_toy_sst2"] != best["results"]["hk_toy_sst2"]
+    # each file names the weights it scored and the environment that scored them
+    import hashlib
+    from importlib import metadata
+
+    for results, kind in ((final, "adapter"), (best, "adapter_best")):
+        ours = results["hiddenkey_ds"]
+        assert ours["adapter_sha256"] == hashlib.sha256((run_dir / kind / "adapter_model.safetensors").read_bytes()
+                                                        ).hexdigest()
+        assert ours["run_finished"] is True and ours["provenance"]["device"] == "cpu"
+        assert ours["provenance"]["versions"]["lm_eval"] == metadata.version("lm_eval")
+    assert evaluate.stale_reason(run_dir, best) is None
+    # adapter_best/ replaced after the evaluation (a run that was still training): the file is stale now
+    weights = "adapter_model.safetensors"
+    shutil.copyfile(run_dir / "adapter" / weights, run_dir / "adapter_best" / weights)
+    assert "evaluated while the run was still training" in evaluate.stale_reason(run_dir, best)
+    from hiddenkey_ds.experiments.sweep import missing_evaluations
+
+    assert missing_evaluations(run_dir, None) == "best"
 
     only = evaluate.run_eval(run_dir, adapter="final", out_dir=tmp_path / "final-only", **quiet)
     assert [p.name for p in only] == ["results.json"]

@@ -98,7 +98,12 @@ def test_best_adapter_is_the_best_validation_step_and_reloads_to_it(tmp_path):
     assert summary["best"]["step"] == best_row["step"] and summary["best"]["loss"] == best_row["loss"]
     meta = json.loads((out / "adapter_best" / "hiddenkey_ds.json").read_text())
     assert meta["kind"] == "best" and meta["step"] == best_row["step"]
-    assert json.loads((out / "adapter" / "hiddenkey_ds.json").read_text()) == {"kind": "final", "step": 12}
+    final_meta = json.loads((out / "adapter" / "hiddenkey_ds.json").read_text())
+    # the meta file also names the weights (sha256 of the weights file): what a results file records it scored
+    import hashlib
+
+    assert final_meta == {"kind": "final", "step": 12, "sha256": hashlib.sha256(
+        (out / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()}
 
     recipe = load_recipe(out / "config.yaml", check_output_dir=False)
     tokenizer = load_tokenizer(recipe)

@@ -29,6 +29,11 @@ class RunSection(_Section):
     resume: bool = Field(
         False, description="continue from the newest complete checkpoint in output_dir (required to reuse a run dir)"
     )
+    accept_data_change: bool = Field(
+        False,
+        description="on resume, continue although a data file's content (sha256 in the run's provenance.json) or a "
+        "hub dataset's fingerprint changed since the run started; without it such a resume is refused",
+    )
     deepspeed: str = Field(
         "zero2",
         description="DeepSpeed config: a name in ds_configs/ (zero0, zero1, zero2, zero3, zero3_offload) or a path to "

@@ -10,6 +10,7 @@ from typing import Any
 
 from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.data.toy import TOY_SST2, toy_sst2_rows
+from hiddenkey_ds.provenance import sha256_file
 
 # file suffix -> (datasets builder, extra builder kwargs)
 BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -71,7 +72,7 @@ def _check_parquet(path: Path, key: str) -> None:
                           "file again, or give it the suffix of its real format: .jsonl, .csv or .tsv)")
 
 
-def _load_file(path: Path, split: str, key: str = "data.path"):
+def _load_file(path: Path, split: str, sources: list[dict[str, Any]], key: str = "data.path"):
     import datasets
 
     builder, kwargs = BUILDERS[path.suffix]
@@ -80,7 +81,7 @@ def _load_file(path: Path, split: str, key: str = "data.path"):
     else:
         _check_parquet(path, key)
     try:
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
     except Exception as err:  # datasets raises many types for unreadable files; the user needs the file name
         root = err  # datasets wraps the reader's error ("An error occurred while generating the dataset")
         while root.__cause__ is not None or root.__context__ is not None:
@@ -88,6 +89,10 @@ def _load_file(path: Path, split: str, key: str = "data.path"):
         first = str(root).strip().splitlines()[0] if str(root).strip() else ""
         raise RecipeError(f"{key}: cannot read {path} as {builder}: {type(root).__name__}: {first} (hint: check that "
                           f"the file is complete and valid {path.suffix[1:]})") from None
+    # the content, not row positions: a resume refuses a file that changed under the run (provenance.json)
+    sources.append({"split": split, "path": str(path.resolve()), "sha256": sha256_file(path),
+                    "bytes": path.stat().st_size})
+    return ds
 
 
 def split_files(directory: Path) -> dict[str, Path]:
@@ -111,8 +116,11 @@ def _missing_split(split: str, available: list[str], where: str, key: str) -> Re
     return RecipeError(f"{key}: split {split!r} not found in {where} (available: {', '.join(available) or 'none'}) (hint: {hint})")
 
 
-def load_splits(data: Any) -> dict[str, Any]:
-    """{"train": Dataset, "eval": Dataset or None} for a recipe's `data` section."""
+def load_splits(data: Any, sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """{"train": Dataset, "eval": Dataset or None} for a recipe's `data` section. `sources` (when given) gets one
+    entry per source read: {"split", "path", "sha256", "bytes"} for a file, {"split", "hub", "name", "revision",
+    "fingerprint"} for a hub dataset, {"split", "builtin"} for a builtin one."""
+    sources = [] if sources is None else sources
     # role -> (split name, the recipe key that names it, for error messages)
     wanted = {"train": (canonical_split(data.train_split), "data.train_split")}
     # a validation split carved from the training data replaces the evaluation split in the loop
@@ -120,32 +128,33 @@ def load_splits(data: Any) -> dict[str, Any]:
         wanted["eval"] = (canonical_split(data.eval_split), "data.eval_split")
     out: dict[str, Any] = {"train": None, "eval": None}
     if data.eval_path is not None:
-        out["eval"] = _load_eval_file(data.eval_path)
+        out["eval"] = _load_eval_file(data.eval_path, sources)
         wanted.pop("eval", None)
 
     path = data.path
     if path == TOY_SST2:
+        sources += [{"split": split, "builtin": TOY_SST2} for split, _ in wanted.values()]
         return _load_toy(wanted, out)
     if path is not None and path.startswith("builtin:"):
         raise RecipeError(f"data.path: unknown builtin dataset {path!r} (known: {TOY_SST2})")
     local = Path(path).expanduser() if path is not None else None
     if local is not None and local.is_dir():
-        return _load_directory(local, wanted, out)
+        return _load_directory(local, wanted, out, sources)
     if local is not None and local.is_file():
-        return _load_single_file(local, path, wanted, out)
+        return _load_single_file(local, path, wanted, out, sources)
     if path is not None and looks_local(path):
         raise RecipeError(
             f"data.path: {path!r} does not exist (relative paths are relative to the working directory "
             f"{Path.cwd()}) (hint: check the path; GLUE copies look like ../shared/data/glue/RTE)"
         )
-    return _load_hub(data, wanted, out)
+    return _load_hub(data, wanted, out, sources)
 
 
-def _load_eval_file(eval_path: str):
+def _load_eval_file(eval_path: str, sources: list[dict[str, Any]]):
     eval_file = Path(eval_path).expanduser()
     if not eval_file.is_file() or eval_file.suffix not in BUILDERS:
         raise RecipeError(f"data.eval_path: {eval_path!r} is not a {'/'.join(BUILDERS)} file")
-    return _load_file(eval_file, "validation", "data.eval_path")
+    return _load_file(eval_file, "validation", sources, "data.eval_path")
 
 
 def _load_toy(wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +168,8 @@ def _load_toy(wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[s
     return out
 
 
-def _load_directory(local: Path, wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+def _load_directory(local: Path, wanted: dict[str, tuple[str, str]], out: dict[str, Any],
+                    sources: list[dict[str, Any]]) -> dict[str, Any]:
     try:
         files = split_files(local)
     except ValueError as err:
@@ -167,15 +177,15 @@ def _load_directory(local: Path, wanted: dict[str, tuple[str, str]], out: dict[s
     for role, (split, key) in wanted.items():
         if split not in files:
             raise _missing_split(split, sorted(files), str(local), key)
-        out[role] = _load_file(files[split], split)
+        out[role] = _load_file(files[split], split, sources)
     return out
 
 
 def _load_single_file(local: Path, path: str, wanted: dict[str, tuple[str, str]],
-                      out: dict[str, Any]) -> dict[str, Any]:
+                      out: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
     if local.suffix not in BUILDERS:
         raise RecipeError(f"data.path: {path} has an unknown suffix (hint: one of {', '.join(BUILDERS)})")
-    out["train"] = _load_file(local, "train")
+    out["train"] = _load_file(local, "train", sources)
     if "eval" in wanted:
         raise RecipeError(
             f"data.eval_split: data.path is the single file {path}, which holds only training data "
@@ -185,7 +195,8 @@ def _load_single_file(local: Path, path: str, wanted: dict[str, tuple[str, str]]
     return out
 
 
-def _load_hub(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any]) -> dict[str, Any]:
+def _load_hub(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any],
+              sources: list[dict[str, Any]]) -> dict[str, Any]:
     import datasets
 
     from hiddenkey_ds.data.templates import get_template
@@ -210,4 +221,7 @@ def _load_hub(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any]
                 f"{type(err).__name__}: {err} (hint: offline, point data.path at a local copy, e.g. "
                 "../shared/data/glue/RTE)"
             ) from err
+        # the hub's files are not ours to hash: its id, revision and the content fingerprint datasets computed
+        sources.append({"split": split, "hub": path, "name": name, "revision": data.revision,
+                        "fingerprint": getattr(out[role], "_fingerprint", None)})
     return out

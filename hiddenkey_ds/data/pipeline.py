@@ -192,7 +192,7 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     data = recipe.data
     source = data.path or f"hub {get_template(data.task).hub_path}"
     report = DataReport(source=source, format=data.format, task=data.task, max_length=data.max_length)
-    splits = load_splits(data)
+    splits = load_splits(data, report.sources)
     _check_columns(data, splits)
     carved = None
     if data.validation_from_train:

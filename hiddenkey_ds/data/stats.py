@@ -46,6 +46,7 @@ class DataReport:
     task: str | None
     max_length: int
     splits: dict[str, SplitReport] = field(default_factory=dict)
+    sources: list[dict] = field(default_factory=list)  # what was read (hiddenkey_ds.data.loading.load_splits)
 
     def summary(self) -> str:
         head = f"data {self.source} ({self.format}{', ' + self.task if self.task else ''}, max_length {self.max_length})"

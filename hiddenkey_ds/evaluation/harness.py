@@ -12,8 +12,13 @@ accuracy on the run's validation split; absent when the run had none). Results l
   results_best_4bit.json   the same for the best adapter
   base.json                the base model alone (--base-only): the "before" row of a report
 Each file is the dict `lm_eval.simple_evaluate` returns (keys results, versions, n-shot, configs, config, ...,
-without per-sample logs) plus a "hiddenkey_ds" block: base, adapter, adapter_kind (final|best), step, tasks,
-limit, batch_size, quantization, stock_command (the file names: hiddenkey_ds.run_dir).
+without per-sample logs) plus a "hiddenkey_ds" block: base, adapter, adapter_kind (final|best), step, adapter_sha256
+(the adapter scored: its step from the adapter's own hiddenkey_ds.json, the sha256 of its weights file), run_finished,
+tasks, limit, batch_size, quantization, stock_command, provenance (package / library versions, git commit, device:
+hiddenkey_ds.provenance) (the file names: hiddenkey_ds.run_dir).
+
+A run still training moves adapter_best/ under an evaluation; a results file whose adapter_sha256 differs from the
+finished run's adapter is stale (`stale_reason`): the sweep evaluates it again and a report refuses it.
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ from typing import Any
 
 from hiddenkey_ds.config.schema import EvalSection, Recipe
 from hiddenkey_ds.resources import resource_dir
+from hiddenkey_ds.provenance import collect as collect_provenance, sha256_file
 from hiddenkey_ds.run_dir import (
-    ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished, is_run_dir, results_name,
-    write_atomic,
+    ADAPTER_CONFIG, ADAPTER_DIRS, ADAPTER_META, ADAPTER_WEIGHTS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished,
+    is_run_dir, results_name, write_atomic,
 )
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
@@ -71,6 +77,38 @@ class Target:
         if kind == "best":
             return (summary.get("best") or {}).get("step")
         return None
+
+
+def adapter_record(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """{"kind", "step", "sha256"} of an adapter directory: kind and step from its own hiddenkey_ds.json (written
+    with the weights; absent outside a run), sha256 of its weights file as it is now (None without one)."""
+    adapter_dir = Path(adapter_dir)
+    try:
+        meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    return {"kind": meta.get("kind"), "step": meta.get("step"),
+            "sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def stale_reason(run_dir: str | os.PathLike, results: dict[str, Any], name: str = "the results file",
+                 current: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """Why a run's results file no longer scores the run's adapter of its kind (None: it does, or it records no
+    adapter hash, as files written before the hash was recorded). `current` caches adapter_record per kind."""
+    ours = results.get("hiddenkey_ds") or {}
+    kind, scored = ours.get("adapter_kind"), ours.get("adapter_sha256")
+    if kind not in ADAPTER_DIRS or not scored:
+        return None
+    current = {} if current is None else current
+    if kind not in current:
+        current[kind] = adapter_record(Path(run_dir) / ADAPTER_DIRS[kind])
+    now = current[kind]
+    if now["sha256"] == scored:
+        return None
+    return (f"{name} scored the {kind} adapter of step {ours.get('step')} (sha256 {scored[:12]}), but the run's "
+            f"{ADAPTER_DIRS[kind]}/ is now the one of step {now['step']} (sha256 {str(now['sha256'])[:12]}): it was "
+            "evaluated while the run was still training")
 
 
 def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
@@ -436,18 +474,26 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
     from lm_eval.utils import make_table
 
     written = []
+    environment = collect_provenance(world_size=1, device=device)
     for job in jobs:
         stock = None if job.quantized else stock_command(job.margs, tasks, metadata, limit, batch_size, device)
         _announce(job, tasks, stock, log)
         started = time.time()
+        # what is scored, read before lm-eval loads it: a run still training may replace adapter_best/ meanwhile
+        scored = adapter_record(job.margs["peft"]) if "peft" in job.margs else None
+        finished = target.run_dir is not None and is_finished(target.run_dir)
         outcome = _run_job(job, tasks, metadata, limit, batch_size, device, quantized, log)
         if outcome is None:
             continue
         results, facts = outcome
         results["hiddenkey_ds"] = {
-            **_provenance(target, job, tasks, metadata, limit, batch_size, device, stock),
-            "seconds": round(time.time() - started, 1), **facts,
+            **_provenance(target, job, tasks, metadata, limit, batch_size, device, stock, scored),
+            "run_finished": finished, "seconds": round(time.time() - started, 1), **facts,
+            "provenance": environment,
         }
+        if target.run_dir is not None and not finished and job.kind is not None:
+            log(f"[eval] {target.run_dir} is still training: {job.name} scores its {job.kind} adapter of step "
+                f"{results['hiddenkey_ds']['step']}, which may still change (a sweep re-evaluates it once finished)")
         path = out / job.name
         _write(results, path)
         log(make_table(results))
@@ -535,11 +581,16 @@ def _run_job(job: Job, tasks: list[str], metadata: dict[str, str], limit: float 
 
 
 def _provenance(target: Target, job: Job, tasks: list[str], metadata: dict[str, str], limit: float | None,
-                batch_size: int, device: str, stock: str | None) -> dict[str, Any]:
-    """What was scored and how: the "hiddenkey_ds" block of a results file (report and sweep read it)."""
+                batch_size: int, device: str, stock: str | None,
+                scored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What was scored and how: the "hiddenkey_ds" block of a results file (report and sweep read it). The step is
+    the adapter's own (its hiddenkey_ds.json), else the run summary's."""
+    step = (scored or {}).get("step")
     return {
         "base": target.base, "pretrained": job.margs["pretrained"],
-        "adapter": job.margs.get("peft"), "adapter_kind": job.kind, "step": target.step_of(job.kind),
+        "adapter": job.margs.get("peft"), "adapter_kind": job.kind,
+        "step": step if step is not None else target.step_of(job.kind),
+        "adapter_sha256": (scored or {}).get("sha256"),
         "best_validation": (target.summary or {}).get("best") if job.kind == "best" else None,
         "run_dir": str(target.run_dir) if target.run_dir else None,
         "tasks": tasks, "task_metadata": metadata, "limit": limit, "batch_size": batch_size, "device": device,

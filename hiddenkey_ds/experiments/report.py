@@ -17,6 +17,12 @@ into --out:
 Runs are grouped by their method name: `run.label` (a sweep sets it to the sweep file's method name), else a
 name derived from the dropout setting. Runs of one group must share their recipe up to seeds and bookkeeping,
 and every lm-eval score of a task must come from the same limit and batch size; the report refuses otherwise.
+It also refuses a stale score: a results file of a finished run that scored another adapter than the run's
+(harness.stale_reason), and notes scores made while a run was still training.
+
+A "Provenance" section lists, per run, the versions it was trained with (provenance.json: package version, git
+commit, torch / transformers / peft / deepspeed / bitsandbytes, python, device, world size; lm_eval from its
+results files) and warns where the compared runs differ.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ from typing import Any
 from hiddenkey_ds.config.keys import flatten
 from hiddenkey_ds.config.schema import Recipe
 from hiddenkey_ds.run_dir import (
-    BASE_RESULTS, BASE_RESULTS_STEM, CONFIG, EVAL, METRICS, QUANTIZED_SUFFIX, RESULT_STEMS, SUMMARY, is_finished,
-    is_run_dir,
+    BASE_RESULTS, BASE_RESULTS_STEM, CONFIG, EVAL, METRICS, PROVENANCE, QUANTIZED_SUFFIX, RESULT_STEMS, SUMMARY,
+    is_finished, is_run_dir,
 )
 
 BASELINE = "LoRA"
@@ -92,6 +98,7 @@ class Run:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # file stem -> lm-eval results JSON
     variant: str | None = None                       # the sweep's task name (several can train on one lm-eval task)
     prefixed: bool = False                           # show the variant: other runs reach the same task differently
+    provenance: dict[str, Any] | None = None         # provenance.json (None: trained before it was recorded)
 
     def key(self, task: str | None = None) -> str:
         """The row a score of lm-eval task `task` (default: the run's own) lands in."""
@@ -193,7 +200,9 @@ def load_run(path: str | Path, label: str | None = None, variant: str | None = N
     summary = _read_json(p / SUMMARY) if is_finished(p) else None
     evals = {f.stem: _read_json(f) for f in sorted((p / EVAL).glob("*.json"))}
     method = label or recipe.run.label or method_label(recipe)
-    return Run(p, recipe, method, recipe.run.seed, _task_of(recipe), _read_metrics(p), summary, evals, variant)
+    provenance = _read_json(p / PROVENANCE) if (p / PROVENANCE).is_file() else None
+    return Run(p, recipe, method, recipe.run.seed, _task_of(recipe), _read_metrics(p), summary, evals, variant,
+               provenance=provenance)
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -300,6 +309,84 @@ def check_eval_settings(runs: list[Run]) -> None:
                           "--batch-size B` with one setting for all, or report the groups separately)")
 
 
+def check_stale_scores(runs: list[Run]) -> list[str]:
+    """Refuses a finished run's results file that scored another adapter than the run's own; returns a warning
+    per unfinished run with adapter scores (its adapters may still change)."""
+    from hiddenkey_ds.evaluation.harness import stale_reason
+
+    problems, warnings = [], []
+    for run in runs:
+        scored = {stem: r for stem, r in run.evals.items() if (r.get("hiddenkey_ds") or {}).get("adapter_kind")}
+        if not scored:
+            continue
+        if run.summary is None:
+            warnings.append(f"{run.path} has not finished: its scores ({', '.join(sorted(scored))}) are of adapters "
+                            "that may still change")
+            continue
+        current: dict[str, dict[str, Any]] = {}
+        for stem, results in sorted(scored.items()):
+            reason = stale_reason(run.path, results, str(run.path / EVAL / f"{stem}.json"), current)
+            if reason:
+                kind = results["hiddenkey_ds"]["adapter_kind"]
+                problems.append(f"{reason} (hint: hiddenkey-ds eval {run.path} --adapter {kind}, or re-run the "
+                                "sweep, which evaluates it again)")
+    if problems:
+        raise ReportError("stale lm-eval scores:\n" + "\n".join(f"  - {p}" for p in problems))
+    return warnings
+
+
+# provenance keys shown per run and compared across runs: (column title, getter)
+_PROVENANCE_COLUMNS = {
+    "hiddenkey_ds": lambda p: p.get("package_version"),
+    "git commit": lambda p: None if not p.get("git_commit") else
+    p["git_commit"][:10] + ("+dirty" if p.get("git_dirty") else ""),
+    **{lib: (lambda p, lib=lib: (p.get("versions") or {}).get(lib))
+       for lib in ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "python")},
+    "device": lambda p: p.get("device"),
+    "world size": lambda p: p.get("world_size"),
+}
+
+
+def _lm_eval_versions(run: Run) -> str | None:
+    found = sorted({str(v) for r in run.evals.values()
+                    if (v := (((r.get("hiddenkey_ds") or {}).get("provenance") or {}).get("versions") or {})
+                        .get("lm_eval"))})
+    return ", ".join(found) or None
+
+
+def provenance_table(runs: list[Run]) -> dict[str, Any]:
+    """Per run: the versions it was trained (and scored) with; `warnings`: every column in which runs differ."""
+    rows = []
+    for run in runs:
+        values = {title: get(run.provenance) for title, get in _PROVENANCE_COLUMNS.items()} \
+            if run.provenance is not None else {title: None for title in _PROVENANCE_COLUMNS}
+        values["lm_eval"] = _lm_eval_versions(run)
+        resumed = len((run.provenance or {}).get("resumes") or [])
+        changed = any(r.get("code_changes") for r in (run.provenance or {}).get("resumes") or [])
+        rows.append({"path": str(run.path), "method": run.method, "seed": run.seed,
+                     "recorded": run.provenance is not None, "resumes": resumed, "code_changed_on_resume": changed,
+                     **values})
+    warnings = []
+    for title in [*_PROVENANCE_COLUMNS, "lm_eval"]:
+        seen: dict[Any, list[str]] = {}
+        for row in rows:
+            if row[title] is not None:
+                seen.setdefault(row[title], []).append(row["path"])
+        if len(seen) > 1:
+            parts = [f"{value} ({len(paths)} run{'s' if len(paths) != 1 else ''}, e.g. {paths[0]})"
+                     for value, paths in seen.items()]
+            warnings.append(f"the runs differ in {title}: " + "; ".join(parts))
+    missing = [r["path"] for r in rows if not r["recorded"]]
+    if missing:
+        warnings.append(f"{len(missing)} run(s) record no {PROVENANCE} (trained before it was written), e.g. "
+                        f"{missing[0]}: their versions are unknown")
+    for row in rows:
+        if row["code_changed_on_resume"]:
+            warnings.append(f"{row['path']} was resumed with other code or libraries than it started with "
+                            f"(its {PROVENANCE} `resumes`)")
+    return {"runs": rows, "warnings": warnings}
+
+
 # -- the numbers ------------------------------------------------------------------------------------------
 
 def _preset(recipe: Recipe) -> str:
@@ -397,6 +484,7 @@ def build_table(runs: list[Run], primary: str = "best", baseline: str | None = N
         raise ReportError(f"--primary {primary!r}: choose best or final")
     check_groups(runs)
     check_eval_settings(runs)
+    unfinished_scores = check_stale_scores(runs)
     base_name = pick_baseline(runs, baseline)
     order = _method_key(base_name, runs)
     scores = _collect_scores(runs)
@@ -406,7 +494,8 @@ def build_table(runs: list[Run], primary: str = "best", baseline: str | None = N
     return {"primary": _leading_kind(tables, primary), "requested_primary": primary, "baseline": base_name,
             "scores": tables, "base": _base_rows(runs), "methods": [_method_row(m, runs) for m in methods],
             "paper": paper, "paper_citation": PAPER_CITATION if paper else None,
-            "eval_settings": _eval_settings_by_task(runs), "runs": [_run_row(r) for r in runs]}
+            "eval_settings": _eval_settings_by_task(runs), "runs": [_run_row(r) for r in runs],
+            "provenance": provenance_table(runs), "warnings": unfinished_scores}
 
 
 def _other_kind(kind: str) -> str:
@@ -634,6 +723,7 @@ def render_markdown(table: dict[str, Any], figures: list[str], extra: list[str] 
     lines += _baseline_section(table)
     lines += ["", *_methods_section(table)]
     lines += ["", *_runs_section(table)]
+    lines += ["", *_provenance_section(table)]
     for section in extra:
         lines += ["", section.rstrip()]
     if figures:
@@ -728,6 +818,19 @@ def _runs_section(table: dict[str, Any]) -> list[str]:
             "| run | method | seed | steps | wall time | validation split | best validation: acc (step) | final train CE "
             "| val loss: best (step) → final | overfit | lm-eval |",
             "|---|---|---|---|---|---|---|---|---|---|---|"] + [_run_line(r) for r in table["runs"]]
+
+
+def _provenance_section(table: dict[str, Any]) -> list[str]:
+    prov = table["provenance"]
+    columns = [*_PROVENANCE_COLUMNS, "lm_eval"]
+    lines = ["## Provenance", "", "What each run was trained with (its provenance.json) and lm-eval's version in its "
+             "results files; — = not recorded.", "",
+             "| run | " + " | ".join(columns) + " | resumes |", "|---|" + "---|" * (len(columns) + 1)]
+    for r in prov["runs"]:
+        cells = ["—" if r[c] is None else str(r[c]) for c in columns]
+        lines.append(f"| `{r['path']}` | " + " | ".join(cells) + f" | {r['resumes']} |")
+    notes = [*prov["warnings"], *table.get("warnings", [])]
+    return lines + ([""] + [f"Warning: {w}" for w in notes] if notes else [])
 
 
 def _run_line(r: dict[str, Any]) -> str:

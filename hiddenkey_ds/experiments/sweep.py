@@ -25,7 +25,9 @@ Every run gets `run.label=METHOD`, so reports group runs by the sweep's method n
 pydantic before anything runs, and so is the recipe of every (task, method) pair: every problem is listed at once.
 
 Re-running the same file is safe: finished runs (summary.json) are skipped, an interrupted run is resumed from
-its newest complete checkpoint (run.resume=true), and evaluations whose results JSON exists are not redone.
+its newest complete checkpoint (run.resume=true), and evaluations whose results JSON exists are not redone,
+unless it is stale: it records another adapter (sha256) than the finished run's, e.g. an `eval --adapter best`
+made while the run was still training.
 `--only task=rte,method=lora` runs a subset. For a sweep with grid methods, `--select` (also done after every
 full pass) picks per task and grid the setting with the best mean over seeds of the best validation accuracy.
 """
@@ -452,18 +454,41 @@ def eval_command(run_dir: Path, sweep: Sweep, base_only: bool = False, adapter: 
                                 adapter=adapter, base_only=base_only)
 
 
-def missing_evaluations(run_dir: Path, adapter: str | None) -> str | None:
-    """The --adapter value that evaluates what a finished run still lacks (None: nothing to do)."""
+def missing_evaluations(run_dir: Path, adapter: str | None, log=None) -> str | None:
+    """The --adapter value that evaluates what a finished run still lacks or holds stale (None: nothing to do).
+
+    Stale: a results file that scored another adapter than the run's (an `eval --adapter best` while the run was
+    still training, see harness.stale_reason); `log` (when given) gets why it is evaluated again."""
     from hiddenkey_ds.evaluation.harness import EvalError, chosen_kinds
 
     try:
         kinds = chosen_kinds(run_dir, adapter)
     except EvalError as err:
         raise RunFailed(str(err)) from None
-    todo = [k for k in kinds if not (run_dir / EVAL / results_name(k)).is_file()]
+    todo = [k for k in kinds if not (run_dir / EVAL / results_name(k)).is_file() or _stale(run_dir, k, log)]
     if not todo:
         return None
     return todo[0] if len(todo) == 1 else "both"
+
+
+def _stale(run_dir: Path, kind: str, log=None) -> bool:
+    from hiddenkey_ds.evaluation.harness import stale_reason
+
+    current: dict[str, dict[str, Any]] = {}
+    for name in (results_name(kind), results_name(kind, quantized=True)):
+        path = run_dir / EVAL / name
+        if not path.is_file():
+            continue
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # the report names an unreadable file; evaluating again is not the fix for a hand edit
+        reason = stale_reason(run_dir, results, str(path), current)
+        if reason:
+            if log is not None:
+                log(f"[sweep] {reason}; evaluating it again")
+            return True
+    return False
 
 
 def _child_env(ranks: int) -> dict[str, str]:
@@ -526,7 +551,7 @@ def _log_plan(sweep: Sweep, runs: list[PlannedRun], log) -> None:
             log(f"[sweep] {head} ({state}): {shlex.join(train_command(run))}")
             continue
         log(f"[sweep] {head}: finished already, skipped")
-        todo = missing_evaluations(run.run_dir, sweep.eval.adapter)
+        todo = missing_evaluations(run.run_dir, sweep.eval.adapter, log)
         if todo:
             log(f"[sweep] {head}: would evaluate: {shlex.join(eval_command(run.run_dir, sweep, adapter=todo))}")
 
@@ -543,7 +568,7 @@ def _train(run: PlannedRun, head: str, env: dict[str, str], log) -> None:
 
 def _evaluate_run(run: PlannedRun, head: str, env: dict[str, str], log) -> None:
     """lm-eval the adapters of a finished run that have no results file yet."""
-    todo = missing_evaluations(run.run_dir, run.sweep.eval.adapter)
+    todo = missing_evaluations(run.run_dir, run.sweep.eval.adapter, log)
     if todo:
         _run_logged(eval_command(run.run_dir, run.sweep, adapter=todo), run.sweep.log_dir / f"{run.name}.eval.log",
                     env, f"{head}: lm-eval ({todo} adapter{'s' if todo == 'both' else ''})", log)

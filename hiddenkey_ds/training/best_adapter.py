@@ -21,9 +21,20 @@ def better(candidate: dict[str, float], best: dict[str, Any] | None) -> bool:
     return (candidate["accuracy"], -candidate["loss"]) > (best["accuracy"], -best["loss"])
 
 
+# the fields of the best-so-far record (summary.json's `best`, the checkpoint's client state)
+RECORD_KEYS = ("step", "accuracy", "loss", "adapter")
+
+
 class BestAdapter:
-    """Tracks the best validation step and keeps its adapter in RUN_DIR/adapter_best. Its state travels in the
-    checkpoint's client state, so a resumed run keeps judging against the same best."""
+    """Tracks the best validation step and keeps its adapter in RUN_DIR/adapter_best.
+
+    The record travels two ways: inside adapter_best/ (its meta file, written with the weights, last, and swapped
+    in by renames), and in each checkpoint's client state. The adapter is saved at an evaluation step but a
+    checkpoint only at the next save step, so after a kill the checkpoint's record can be older than the adapter
+    on disk; `restore` therefore takes the record from adapter_best/ itself, which always describes the weights
+    beside it. Every kill window: before the save (adapter_best/ and its record are the previous best), during it
+    (recover_adapter_dir finishes or drops the half-done swap), after it and before the next checkpoint (the
+    record of the newer adapter wins over the checkpoint's)."""
 
     def __init__(self, run_dir: str | Path, state: dict[str, Any] | None = None, enabled: bool = True):
         self.dir = Path(run_dir) / BEST_DIR
@@ -44,3 +55,29 @@ class BestAdapter:
 
     def state(self) -> dict[str, Any] | None:
         return self.best
+
+    def restore(self, checkpoint_best: dict[str, Any] | None) -> str | None:
+        """Collective, on resume: the best-so-far record from adapter_best/ (finishing a save a kill interrupted),
+        else none. Returns a line for the log when it differs from the checkpoint's record."""
+        import torch.distributed as dist
+
+        from hiddenkey_ds.training.checkpoint import read_adapter_meta, recover_adapter_dir
+
+        if not self.enabled:
+            self.best = checkpoint_best
+            return None
+        if dist.get_rank() == 0:
+            recover_adapter_dir(self.dir)
+        dist.barrier()
+        meta = read_adapter_meta(self.dir)
+        on_disk = {k: meta.get(k) for k in RECORD_KEYS} if meta is not None else None
+        if on_disk is not None:
+            on_disk["adapter"] = str(self.dir)
+        self.best = on_disk
+        if (on_disk or {}).get("step") == (checkpoint_best or {}).get("step"):
+            return None
+        if on_disk is None:
+            return (f"{BEST_DIR}/ is missing although the checkpoint records a best step "
+                    f"{checkpoint_best.get('step')}: the best is judged anew from the next evaluation")
+        return (f"best so far: step {on_disk['step']} from {BEST_DIR}/ (written after the checkpoint, whose record "
+                f"says step {(checkpoint_best or {}).get('step')})")

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from hiddenkey_ds.config.keys import flatten
-from hiddenkey_ds.run_dir import ADAPTER_META, CHECKPOINT_COMPLETE as COMPLETE, CHECKPOINTS
+from hiddenkey_ds.provenance import sha256_file
+from hiddenkey_ds.run_dir import ADAPTER_META, ADAPTER_WEIGHTS, CHECKPOINT_COMPLETE as COMPLETE, CHECKPOINTS
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -130,7 +131,8 @@ def _gathered(params: list[torch.nn.Parameter]):
 
 def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Collective: write the PEFT adapter (gathered under ZeRO-3) atomically, reload it and check it equals
-    the in-memory weights; `meta` goes into ADAPTER_META inside it. Returns the saved state dict (rank 0) or {}."""
+    the in-memory weights; `meta` and the weights file's sha256 go into ADAPTER_META inside it. Returns the saved
+    state dict (rank 0) or {}."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -146,19 +148,59 @@ def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | 
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             peft_model.save_pretrained(str(tmp), state_dict=expected, safe_serialization=True)
-            reloaded = load_file(str(tmp / "adapter_model.safetensors"))
+            reloaded = load_file(str(tmp / ADAPTER_WEIGHTS))
             if reloaded.keys() != expected.keys():
                 raise RuntimeError(f"saved adapter holds {sorted(reloaded)[:3]}..., expected {sorted(expected)[:3]}...")
             for key, value in expected.items():
                 if value.shape != reloaded[key].shape or not torch.equal(value.to(reloaded[key].dtype), reloaded[key]):
                     raise RuntimeError(f"the reloaded adapter differs from the trained weights at {key}")
-            if meta is not None:
-                _fsync_write(tmp / ADAPTER_META, json.dumps(meta, indent=2))
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
+            # the meta file is written last: a .tmp directory holding it is a complete adapter (see
+            # recover_adapter_dir); its sha256 names the weights an evaluation scored
+            record = {**(meta or {}), "sha256": sha256_file(tmp / ADAPTER_WEIGHTS)}
+            _fsync_write(tmp / ADAPTER_META, json.dumps(record, indent=2))
+            _swap_in(tmp, out_dir)
             saved = reloaded
     dist.barrier()
     return saved
+
+
+def _aside(out_dir: Path) -> tuple[Path, Path]:
+    return out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the complete tmp with renames only: at every instant out_dir is whole (old or new) or
+    absent with a complete tmp beside it, never half deleted, so a kill leaves something recover_adapter_dir
+    can finish."""
+    _, old = _aside(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_adapter_dir(out_dir: str | os.PathLike) -> None:
+    """Finish or undo an adapter save a kill interrupted (rank 0, before anyone reads out_dir): a complete .tmp
+    (its meta file is written last) is the newest adapter and replaces out_dir; an incomplete one is dropped;
+    a leftover .old goes."""
+    out_dir = Path(out_dir)
+    tmp, old = _aside(out_dir)
+    if (tmp / ADAPTER_META).is_file():
+        _swap_in(tmp, out_dir)
+    elif not out_dir.exists() and (old / ADAPTER_META).is_file():
+        os.replace(old, out_dir)  # killed between the renames of a save whose .tmp is gone: keep the old one
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_adapter_meta(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The meta file of a complete adapter directory (None when absent or unreadable)."""
+    path = Path(out_dir) / ADAPTER_META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 # -- what a resume may change ------------------------------------------------------------------------------------
@@ -167,8 +209,9 @@ def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | 
 # the validation metrics: logging and checkpoint cadence, the evaluation run after training, display names.
 # Everything else, present or future (a new schema field is covered without being listed), must be equal.
 SAFE_ON_RESUME = ("run.label", "train.log_every", "train.save_every", "train.keep_checkpoints", "eval.*")
-# Not settings of the run at all: where it lives (found through it) and the switch that asks for the resume.
-IGNORED_ON_RESUME = ("run.output_dir", "run.resume")
+# Not settings of the run at all: where it lives (found through it), the switch that asks for the resume and the
+# one that accepts changed data files on it (checked against provenance.json instead).
+IGNORED_ON_RESUME = ("run.output_dir", "run.resume", "run.accept_data_change")
 _ABSENT = "<absent>"
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from hiddenkey_ds.config import RecipeError, load_recipe
 from hiddenkey_ds.distributed import deepspeed_safe_arch_list, free_port, is_rank_zero, launcher_world_size
-from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER
+from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER, PROVENANCE, write_atomic
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
 from hiddenkey_ds.training.run_log import RunLogger, all_reduce_cpu
 
@@ -64,6 +64,76 @@ def check_ds_config_unchanged(run_dir: Path, ds_config: dict) -> None:
             f"run.resume: the resolved DeepSpeed config differs from the run's {saved} in {', '.join(changed)} "
             "(hint: restore the DeepSpeed JSON the run was started with, or start a new run)"
         ])
+
+
+def rank_seeds(seed: int, rank: int) -> tuple[int, int, int]:
+    """(torch, random, numpy) seeds of one (run.seed, rank): drawn from numpy's SeedSequence over the pair, so no two
+    pairs share a stream (seed + rank gave seed s on rank 1 the masks of seed s + 1 on rank 0)."""
+    import numpy as np
+
+    torch_seed, python_seed, numpy_seed = np.random.SeedSequence([seed, rank]).generate_state(3, dtype=np.uint32)
+    return int(torch_seed), int(python_seed), int(numpy_seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed every generator a step may draw from (masks: torch; anything else: random, numpy) for this rank."""
+    import random
+
+    import numpy as np
+
+    torch_seed, python_seed, numpy_seed = rank_seeds(seed, rank)
+    torch.manual_seed(torch_seed)  # also every CUDA device
+    random.seed(python_seed)
+    np.random.seed(numpy_seed)
+
+
+def check_data_unchanged(recipe, run_dir: Path, data_report) -> list[str]:
+    """On resume: the data files' content against the run's provenance.json. Raises RecipeError when one changed,
+    unless run.accept_data_change; returns the accepted changes."""
+    import json
+
+    from hiddenkey_ds.provenance import data_changes
+
+    saved = run_dir / PROVENANCE
+    if not saved.is_file():
+        return []  # a run started before provenance was recorded: nothing to compare with
+    record = json.loads(saved.read_text())
+    # the data the last segment read: a change accepted on an earlier resume is not refused again
+    last = (record.get("resumes") or [record])[-1]
+    changed = data_changes(last.get("data") or record.get("data") or [], data_report.sources)
+    if changed and not recipe.run.accept_data_change:
+        raise RecipeError([
+            f"run.resume: the data changed since the run started (recorded in {saved}): " + "; ".join(changed)
+            + " (hint: restore the data the run was started with, or pass run.accept_data_change=true to "
+            "continue on the changed data; nothing was touched)"])
+    return changed
+
+
+def record_provenance(run_dir: Path, data_report, device, log, accepted: list[str] | None = None, rank: int = 0,
+                      world_size: int = 1) -> None:
+    """Rank 0: provenance.json on a fresh start; on resume one more entry in its `resumes`, and the log says when
+    the code or the libraries changed since the last segment."""
+    import json
+    import time
+
+    from hiddenkey_ds.provenance import code_changes, collect
+
+    if rank != 0:
+        return
+    now = {**collect(world_size, device, data_report.sources), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = run_dir / PROVENANCE
+    if accepted is None or not path.is_file():
+        write_atomic(path, json.dumps({**now, "resumes": []}, indent=2))
+        return
+    record = json.loads(path.read_text())
+    last = (record.get("resumes") or [record])[-1]
+    changed = code_changes(last, now)
+    if changed:
+        log.info("resumed with other code than the last segment ran: " + ", ".join(changed))
+    if accepted:
+        log.info("resumed on changed data (run.accept_data_change): " + "; ".join(accepted))
+    record.setdefault("resumes", []).append({**now, "code_changes": changed, "data_changes": accepted})
+    write_atomic(path, json.dumps(record, indent=2))
 
 
 def zero3_partition_line(model) -> str | None:
@@ -168,12 +238,14 @@ def train(recipe_path: str, overrides: list[str]) -> Outcome:
     # the data needs no process group either: its problems (columns, empty rows, splits) come before one exists
     tokenizer = load_tokenizer(recipe)
     train_ds, eval_ds, data_report = build_datasets(recipe, tokenizer)
+    accepted = check_data_unchanged(recipe, run_dir, data_report) if state.resume_from is not None else None
 
     init_distributed()
     if dist.get_world_size() != launcher_world_size():  # a launcher that announced no world size: check it now
         recipe = load_recipe(recipe_path, overrides, world_size=dist.get_world_size())
     rank = dist.get_rank()  # finish() leaves the process group
     session = start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report)
+    record_provenance(run_dir, data_report, session.engine.device, session.log, accepted, rank, dist.get_world_size())
     run_steps(session)
     finish(session)
     return Outcome(run_dir, evaluate_at_end=recipe.eval.at_end and rank == 0, eval_section=recipe.eval)
@@ -212,7 +284,7 @@ def start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report) -> S
         model=objective, model_parameters=[p for p in objective.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lr_scheduler_factory(recipe, total_steps))
 
-    torch.manual_seed(recipe.run.seed + rank)  # masks: independent across ranks, repeatable across runs
+    seed_rank(recipe.run.seed, rank)  # masks: independent across ranks and seeds, repeatable across runs
     log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
     log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
     session = Session(recipe, run_dir, engine, model, MicroBatchStream(train_ds, sampler, collate, t.micro_batch_size),
@@ -236,7 +308,9 @@ def resume(s: Session, state) -> None:
     s.step = client["step"]
     # checkpoints before MicroBatchStream stored (epoch, consumed) instead of the stream's own position
     s.batches.load_state_dict(client.get("data") or {"epoch": client["epoch"], "index": client["consumed"]})
-    s.best.best = client.get("best")
+    best_note = s.best.restore(client.get("best"))
+    if best_note:
+        s.log.info(best_note)
     s.log.resume_clock(client.get("elapsed_s"))
     s.log.truncate_after(s.step)
     if dist.get_rank() == 0 and state.safe_changes:
