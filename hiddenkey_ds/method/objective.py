@@ -71,10 +71,11 @@ def consistency_terms(logp1: torch.Tensor, logp2: torch.Tensor, kind: str) -> to
     raise ValueError(f"unknown consistency {kind!r}")
 
 
-def _head_chunk(lm_head: torch.nn.Module, post, h1: torch.Tensor, h2: torch.Tensor | None, y: torch.Tensor,
-                kind: str, one_branch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _head_chunk(lm_head: torch.nn.Module, h1: torch.Tensor, h2: torch.Tensor | None, y: torch.Tensor,
+                kind: str, one_branch: bool, post=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_sum, consistency_sum, correct per token) for one chunk of supervised positions; `post` is what the
-    model's forward applies after the head."""
+    model's forward applies after the head (heads.logit_transform; None: nothing)."""
+    post = post or (lambda logits: logits)
     logp1 = F.log_softmax(post(lm_head(h1).float()), dim=-1)
     correct = logp1.detach().argmax(-1) == y
     ce = F.nll_loss(logp1, y, reduction="sum")
@@ -186,6 +187,17 @@ class HiddenKeyObjective(torch.nn.Module):
         base = unwrap_model(self.model)
         if getattr(base, _OBJECTIVE_ATTR, None) is self:
             object.__delattr__(base, _OBJECTIVE_ATTR)
+
+    @contextlib.contextmanager
+    def activated(self):
+        """The objective's dropout (and hooks) on for calls outside its forward: references that run the model
+        itself, measurements of `_passes`."""
+        self._check_usable()
+        self._enter()
+        try:
+            yield self
+        finally:
+            self._exit()
 
     def __enter__(self) -> "HiddenKeyObjective":
         return self
@@ -320,8 +332,8 @@ class HiddenKeyObjective(torch.nn.Module):
         calls = self._head_calls(n, lm_head, hidden1.device)
         for start in range(0, calls * self.chunk_tokens, self.chunk_tokens):
             part = slice(start, start + self.chunk_tokens)  # past n: an empty chunk, for ZeRO-3's call count
-            args = (lm_head, self._post_head, h1[part], None if h2 is None else h2[part], y[part],
-                    self.config.consistency, one_branch)
+            args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency,
+                    one_branch, self._post_head)
             if torch.is_grad_enabled() and h1.requires_grad:
                 # reentrant: the recompute calls lm_head as a module again, so ZeRO-3 re-gathers its weight
                 # (the non-reentrant variant rejects a parameter whose storage ZeRO-3 swapped meanwhile)
