@@ -406,8 +406,8 @@ def test_dropout_on_an_unsupported_layout_names_what_is_missing(preset):
         message
 
 
-@pytest.mark.parametrize("grad", ["one_branch", "both"])
-def test_checkpointed_backward_redraws_the_forwards_masks(grad):
+@pytest.mark.parametrize("grad, reentrant", [("one_branch", True), ("both", True), ("both", False)])
+def test_checkpointed_backward_redraws_the_forwards_masks(grad, reentrant):
     """The objective's dropout is on only inside its forward, yet gradient checkpointing recomputes the layers in
     backward: the backward turns it back on, with the forward's state, so the gradients equal those without
     checkpointing, even when a plain call of the model (another batch size, no dropout) runs in between."""
@@ -418,7 +418,7 @@ def test_checkpointed_backward_redraws_the_forwards_masks(grad):
     for checkpointing in (False, True):
         model = tiny_model(num_hidden_layers=4)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         objective = HiddenKeyObjective(model, cfg).train()
         torch.manual_seed(11)
