@@ -185,3 +185,21 @@ def test_objective_remove_and_context_manager_take_everything_off():
     with pytest.raises(RuntimeError, match="removed"):
         objective(input_ids=ids, attention_mask=mask, labels=ids)
     objective.remove()  # idempotent
+
+
+def test_model_already_on_the_hiddenkey_function_drops_nothing_outside_the_objective():
+    """A model loaded with attn_implementation="hiddenkey" keeps it (there is nothing to switch), so the
+    attention function itself asks the objective's scope whether to drop."""
+    from hiddenkey_ds.method import attention
+
+    attention.register()
+    ids, mask = padded_batch("left")
+    model, fresh = tiny_model(num_hidden_layers=4, attn_implementation="hiddenkey"), tiny_model(num_hidden_layers=4)
+    _objective_step(model, DropoutConfig(preset="dropkey", key={"rate": 0.5}), ids, mask)
+    assert model.config._attn_implementation == "hiddenkey"
+    model.train()
+    fresh.train()
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        stock = fresh(input_ids=ids, attention_mask=mask).logits
+    assert (ours - stock).abs().max().item() <= 1e-5

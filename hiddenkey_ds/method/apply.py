@@ -110,7 +110,7 @@ class DropoutHandle:
         for hook in self.hooks:
             hook.remove()
         for module in self.attention_modules:
-            for attr in (attention.CONFIG_ATTR, attention.SINK_ATTR):
+            for attr in (attention.CONFIG_ATTR, attention.SINK_ATTR, attention.GATE_ATTR):
                 if hasattr(module, attr):
                     delattr(module, attr)
         if self.previous_attn is not None:
@@ -171,6 +171,8 @@ def apply_dropout(model: torch.nn.Module, config: DropoutConfig, scoped: bool = 
             setattr(layers[i].self_attn, attention.CONFIG_ATTR, config)
             if sink is not None:
                 setattr(layers[i].self_attn, attention.SINK_ATTR, sink)
+            if scoped:  # also when the model already runs the hiddenkey function outside the scope
+                setattr(layers[i].self_attn, attention.GATE_ATTR, lambda: handle.active)
             handle.attention_modules.append(layers[i].self_attn)
 
     if config.touches_hidden:
