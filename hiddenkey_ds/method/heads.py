@@ -100,6 +100,10 @@ def _source(klass: type) -> str | None:
         return None
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _head_attr(model: torch.nn.Module) -> str | None:
     head = model.get_output_embeddings()
     for name, child in model.named_children():
@@ -184,8 +188,9 @@ def _forward_problem(klass: type, head: str) -> str | None:
 
 
 def head_problem(model: torch.nn.Module) -> str | None:
-    """One line saying why the chunked head cannot reproduce `model`'s logits (a transformers model, unwrapped
-    from PEFT), or None. Works on a meta-device model."""
+    """One line saying why the chunked head cannot reproduce `model`'s logits (a transformers model or a PeftModel
+    wrapping one), or None. Works on a meta-device model."""
+    model = _unwrap(model)
     name = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
     head = _head_attr(model)
     if head is None:
@@ -201,6 +206,7 @@ def head_problem(model: torch.nn.Module) -> str | None:
 def logit_transform(model: torch.nn.Module) -> Transform:
     """What `model`'s forward applies to the output of its head (identity for most models). Raises
     UnsupportedModelError for a model whose logits the chunked head cannot reproduce."""
+    model = _unwrap(model)
     problem = head_problem(model)
     if problem is not None:
         raise UnsupportedModelError(problem)
