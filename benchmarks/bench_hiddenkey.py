@@ -100,8 +100,12 @@ def make_steps(args, regime):
         obj = HiddenKeyObjective(build_model(args), DropoutConfig(**overrides)).train()
         steps[name] = with_optimizer(obj, lambda obj=obj: obj(input_ids=ids, attention_mask=mask, labels=labels).loss)
     naive = HiddenKeyObjective(build_model(args), DropoutConfig(preset="hiddenkey_nokl", layers="all")).train()
-    steps["naive KL, full logits, all layers"] = with_optimizer(
-        naive, lambda: naive_kl_loss(naive.model, ids, mask, labels))
+
+    def naive_step():
+        with naive.activated():  # the objective's dropout acts only inside its own calls
+            return naive_kl_loss(naive.model, ids, mask, labels)
+
+    steps["naive KL, full logits, all layers"] = with_optimizer(naive, naive_step)
     return steps
 
 

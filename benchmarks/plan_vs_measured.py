@@ -298,7 +298,7 @@ def probe_saved_bytes(probe: Probe) -> tuple[float, float]:
 
         torch.nn.functional.linear = zero3_linear_wrap
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), objective.activated():
             decoder = model.get_base_model().get_decoder()
             objective._passes(decoder, ids, mask if probe.padded else None)
     finally:

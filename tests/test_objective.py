@@ -1,9 +1,11 @@
 """The dual-pass objective against a naive full-logits reference, and its one-forward contract."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hiddenkey_ds.method import DropoutConfig
+from hiddenkey_ds.method import DropoutConfig, dropout_handle
 from hiddenkey_ds.method.objective import HiddenKeyObjective
 from tiny_models import padded_batch, tiny_model
 
@@ -58,10 +60,14 @@ def _loss_and_grads(cfg, ids, mask, labels, chunk=1024, use_objective=True, shar
     if use_objective:
         out = objective(input_ids=ids, attention_mask=mask, labels=labels)
         loss, ce, cons = out.loss, out.ce, out.consistency
+        loss.backward()
     else:
-        ce, cons = naive_loss(model, ids, mask, labels, cfg, training=True)
-        loss = ce + cfg.alpha * cons
-    loss.backward()
+        # the objective's dropout acts only inside its forward: the reference turns it on around its own calls
+        handle = dropout_handle(model)
+        with handle.activated() if handle is not None else contextlib.nullcontext():
+            ce, cons = naive_loss(model, ids, mask, labels, cfg, training=True)
+            loss = ce + cfg.alpha * cons
+            loss.backward()
     return loss.detach(), ce.detach(), cons.detach(), {n: p.grad for n, p in model.named_parameters()}, objective
 
 
@@ -220,3 +226,206 @@ def test_accuracy_counts_match_argmax():
     per_row = [(pred[r][sup[r]] == y[r][sup[r]]).all().item() for r in range(ids.shape[0])]
     assert out.seq_correct.item() == sum(per_row) >= 1
     assert out.n_seqs.item() == 3
+
+
+# -- what the model's forward does after its head ----------------------------------------------------------------
+
+_TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+_MOE = dict(num_local_experts=2, num_experts_per_tok=1)
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8)
+# family -> (config class, model class, settings that make its post-head transform far from the identity)
+POST_HEAD = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(final_logit_softcapping=0.05)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(final_logit_softcapping=0.05)),
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(
+        final_logit_softcapping=0.05, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8, laurel_rank=4,
+        altup_num_inputs=2, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"], intermediate_size=[64, 64])),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(final_logit_softcapping=0.05)),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(final_logit_softcapping=0.05)),
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(final_logit_softcapping=0.05)),
+    "beam": ("BeamConfig", "BeamForCausalLM", dict(final_logit_softcapping=0.05)),
+    "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", dict(
+        logits_soft_cap=0.05, lru_width=32, block_types=["recurrent", "attention"], attention_window_size=16)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=4.0)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(logit_scale=4.0)),
+    "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM", dict(logit_scale=4.0)),
+    "cohere_compass": ("CohereCompassTextConfig", "CohereCompassForCausalLM", dict(
+        logit_scale=4.0, layer_types=["full_attention"] * 2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=0.25)),
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", dict(logits_scaling=0.25)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(logits_scaling=0.25, **_MOE)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(logits_scaling=0.25, **_MOE)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        logits_scaling=0.25, shared_intermediate_size=32, **_MOE)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
+        logits_scaling=0.25, shared_intermediate_size=32, layer_types=["mamba", "attention"], **_MOE, **_MAMBA)),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(logits_scaling=4.0)),
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(lm_head_multiplier=4.0, mamba_d_ssm=64, **_MAMBA)),
+}
+
+
+def _tiny_family(family, **overrides):
+    import transformers
+
+    config_name, model_name, extra = POST_HEAD[family]
+    config = getattr(transformers, config_name)(**{**_TINY, **extra, **overrides})
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).float().eval()
+
+
+def _ce_of_own_forward(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100), logits
+
+
+@pytest.mark.parametrize("family", list(POST_HEAD))
+def test_post_head_transform_matches_the_models_own_forward(family):
+    """The chunked head applies what the model's forward applies after lm_head (soft-capping, logit_scale,
+    logits_scaling, ...): the objective's CE equals cross-entropy on the model's own logits."""
+    model = _tiny_family(family)
+    ids, mask = padded_batch("left", batch=2, seq=10)
+    labels = _labels(ids, mask)
+    with torch.no_grad():
+        reference, logits = _ce_of_own_forward(model, ids, mask, labels)
+        raw = model.get_output_embeddings()(model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state)
+        untransformed = F.cross_entropy(raw.float()[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        out = HiddenKeyObjective(model, DropoutConfig(preset="none"), chunk_tokens=5).eval()(
+            input_ids=ids, attention_mask=mask, labels=labels)
+    assert abs(untransformed - reference) > 1e-3  # the transform matters here
+    assert torch.allclose(out.ce, reference, atol=1e-5, rtol=1e-5), (out.ce, reference)
+    sup = labels[:, 1:] != -100
+    assert out.token_correct.item() == (logits[:, :-1].argmax(-1)[sup] == labels[:, 1:][sup]).sum().item()
+
+
+def test_accuracy_uses_transformed_logits():
+    """A negative logit_scale reverses the ranking: the argmax (accuracy) must come from the transformed logits."""
+    model = _tiny_family("cohere", logit_scale=-4.0)
+    ids, mask = padded_batch("none", batch=2, seq=10)
+    labels = _labels(ids, mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        pred = logits[:, :-1].argmax(-1)
+        labels[:, 1:] = torch.where(labels[:, 1:] != -100, pred, labels[:, 1:])  # every supervised token right
+        out = HiddenKeyObjective(model, DropoutConfig(preset="none")).eval()(
+            input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.token_correct.item() == out.n_tokens.item() > 0
+    assert out.seq_correct.item() == 2
+
+
+def test_xlstm_transform_is_its_own_soft_cap():
+    """xLSTM's forward does not run at tiny sizes on CPU in transformers 5.23 (its chunkwise kernel's state shapes
+    do not match), so its transform is checked against the soft_cap function its forward calls."""
+    import transformers
+    from transformers.models.xlstm import modeling_xlstm
+
+    from hiddenkey_ds.method.heads import logit_transform
+
+    config = transformers.xLSTMConfig(embedding_dim=32, hidden_size=32, num_blocks=2, num_hidden_layers=2, num_heads=2,
+                                      vocab_size=97, output_logit_soft_cap=0.5)
+    with torch.device("meta"):
+        model = transformers.xLSTMForCausalLM(config)
+    x = torch.randn(4, 97) * 3
+    assert torch.allclose(logit_transform(model)(x), modeling_xlstm.soft_cap(x, 0.5), atol=1e-6)
+    assert not torch.allclose(x, modeling_xlstm.soft_cap(x, 0.5), atol=1e-2)
+
+
+def test_plain_models_get_identity_and_unknown_heads_are_refused():
+    """A plain head (LLaMA, GPT-2) is used as is; a forward that changes logits or hidden states around the head in
+    a way hiddenkey-ds does not know (MiniCPM3 scales the hidden states before it) is refused, by name, also on a
+    meta-device model (start-up checks)."""
+    import transformers
+
+    from hiddenkey_ds.method.heads import UnsupportedModelError, head_problem, logit_transform
+
+    x = torch.randn(3, 97)
+    assert head_problem(tiny_model()) is None and torch.equal(logit_transform(tiny_model())(x), x)
+    with torch.device("meta"):
+        minicpm = transformers.MiniCPM3ForCausalLM(transformers.MiniCPM3Config(
+            vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=8))
+        gemma3 = _tiny_family("gemma3")
+    problem = head_problem(minicpm)
+    assert "MiniCPM3ForCausalLM" in problem and "logits_scaling" in problem
+    with pytest.raises(UnsupportedModelError, match="MiniCPM3ForCausalLM"):
+        logit_transform(minicpm)
+    with pytest.raises(ValueError, match="MiniCPM3ForCausalLM"):
+        HiddenKeyObjective(minicpm, DropoutConfig(preset="none"))
+    assert head_problem(gemma3) is None  # a known transform is no problem
+
+
+# -- plain LoRA on any layout -------------------------------------------------------------------------------------
+
+def _other_layout(kind):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
+                                          bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.0)).eval()
+    return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, vocab_size=97, max_position_embeddings=64,
+                                            bos_token_id=1, eos_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+def test_plain_lora_trains_any_layout(kind):
+    """Every dropout off: no hooks, no LLaMA layout needed. LoRA on GPT-2 / GPT-NeoX trains through the objective
+    with the model's own loss, and its gradients are the model's own."""
+    peft = pytest.importorskip("peft")
+    target = ["c_attn"] if kind == "gpt2" else ["query_key_value"]
+    model = peft.get_peft_model(_other_layout(kind), peft.LoraConfig(r=4, lora_dropout=0.0, target_modules=target,
+                                                                     init_lora_weights=False))
+    ids, mask = padded_batch("right", batch=2, seq=10)
+    labels = _labels(ids, mask)
+    objective = HiddenKeyObjective(model, DropoutConfig(preset="none"), chunk_tokens=4).train()
+    out = objective(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    reference, _ = _ce_of_own_forward(model, ids, mask, labels)
+    reference.backward()
+    assert torch.allclose(out.loss, reference, atol=1e-5, rtol=1e-5), (out.loss, reference)
+    assert ours and all(torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+                        for (n, g), p in zip(ours.items(), (q for q in model.parameters() if q.requires_grad)))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("preset", ["hiddenkey", "hiddencut"])
+def test_dropout_on_an_unsupported_layout_names_what_is_missing(preset):
+    from hiddenkey_ds.method.heads import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as err:
+        HiddenKeyObjective(_other_layout("gpt2"), DropoutConfig(preset=preset))
+    message = str(err.value)
+    assert all(part in message for part in ("GPT2LMHeadModel", "GPT2Block", "`self_attn`", "attn", "preset none")), \
+        message
+
+
+@pytest.mark.parametrize("grad, reentrant", [("one_branch", True), ("both", True), ("both", False)])
+def test_checkpointed_backward_redraws_the_forwards_masks(grad, reentrant):
+    """The objective's dropout is on only inside its forward, yet gradient checkpointing recomputes the layers in
+    backward: the backward turns it back on, with the forward's state, so the gradients equal those without
+    checkpointing, even when a plain call of the model (another batch size, no dropout) runs in between."""
+    cfg = DropoutConfig(preset="hiddenkey", key={"rate": 0.5}, hidden={"rate": 0.5}, consistency_grad=grad)
+    ids, mask = padded_batch("left", seq=16)
+    labels = _labels(ids, mask)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(num_hidden_layers=4)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        objective = HiddenKeyObjective(model, cfg).train()
+        torch.manual_seed(11)
+        out = objective(input_ids=ids, attention_mask=mask, labels=labels)
+        with torch.no_grad():
+            model(input_ids=ids[:2], attention_mask=mask[:2])
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-5), name

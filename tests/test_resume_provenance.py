@@ -102,10 +102,17 @@ def test_load_splits_records_the_sha256_of_every_file_read(tmp_path):
 
 # -- adapter_best/ in every kill window --------------------------------------------------------------------------
 
+def _weights(step: int) -> bytes:
+    """A real (tiny) safetensors file per step: the harness reads the weights' header before it scores them."""
+    from safetensors.torch import save
+
+    return save({"lora_A": torch.full((2, 2), float(step))})
+
+
 def _adapter(path: Path, step: int) -> Path:
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text("{}")
-    (path / "adapter_model.safetensors").write_bytes(f"weights of step {step}".encode())
+    (path / "adapter_model.safetensors").write_bytes(_weights(step))
     (path / "hiddenkey_ds.json").write_text(json.dumps({"kind": "best", "step": step,
                                                         "sha256": _sha(path / "adapter_model.safetensors")}))
     return path
@@ -197,8 +204,7 @@ def _finished_with_adapters(run_dir: Path, best_step: int = 3, scored_step: int 
     for stem, kind, step in (("results", "final", 8), ("results_best", "best", scored_step)):
         path = run_dir / "eval" / f"{stem}.json"
         results = json.loads(path.read_text())
-        results["hiddenkey_ds"].update(step=step, adapter_sha256=hashlib.sha256(
-            f"weights of step {step}".encode()).hexdigest())
+        results["hiddenkey_ds"].update(step=step, adapter_sha256=hashlib.sha256(_weights(step)).hexdigest())
         path.write_text(json.dumps(results))
     return run_dir
 

@@ -16,6 +16,7 @@ from hiddenkey_ds.method.config import PRESETS, AttentionDropout, DropoutConfig,
 _LAZY = {name: "hiddenkey_ds.method.apply" for name in
          ("DropoutHandle", "apply_dropout", "decoder_layers", "dropout_handle", "remove_dropout", "unwrap_model")}
 _LAZY.update({name: "hiddenkey_ds.method.objective" for name in ("HiddenKeyObjective", "LossOutput")})
+_LAZY.update({name: "hiddenkey_ds.method.heads" for name in ("UnsupportedModelError", "head_problem", "logit_transform")})
 
 __all__ = ["PRESETS", "AttentionDropout", "DropoutConfig", "HiddenDropout", "KeyDropout", *_LAZY]
 

@@ -1,6 +1,7 @@
 """Apply a DropoutConfig to an already-loaded transformers model, and undo it."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -8,6 +9,7 @@ from transformers import PreTrainedModel
 
 from hiddenkey_ds.method import attention
 from hiddenkey_ds.method.config import DropoutConfig
+from hiddenkey_ds.method.heads import UnsupportedModelError
 from hiddenkey_ds.method.hidden import make_mlp_hook
 from hiddenkey_ds.method.masks import SinkTokens
 
@@ -29,9 +31,10 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
               if isinstance(getattr(m, "self_attn", None), torch.nn.Module)
               and isinstance(getattr(m, "mlp", None), torch.nn.Module)]
     if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no decoder layers with `self_attn` and `mlp` submodules; hiddenkey-ds "
-            "supports decoder-only models built on transformers' attention interface (LLaMA, Mistral, Qwen2, ...)"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no decoder layers with `self_attn` and `mlp` submodules{_layout_note(model)}; "
+            "the dropout methods support decoder-only models built on transformers' attention interface (LLaMA, "
+            "Mistral, Qwen2, ...); plain LoRA (dropout preset none: every rate 0, no consistency) trains any layout"
         )
     return layers
 
@@ -83,9 +86,26 @@ def layout_problems(model: torch.nn.Module, config: DropoutConfig) -> list[str]:
     return problems
 
 
+def _layout_note(model: torch.nn.Module) -> str:
+    """` (its GPT2Block layers lack `self_attn`; their children: ln_1, attn, ln_2, mlp)`: what the repeated
+    block of the model has instead, or nothing when there is no ModuleList of blocks."""
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)), None)
+    if blocks is None:
+        return ""
+    block = blocks[0]
+    missing = [name for name in ("self_attn", "mlp") if not isinstance(getattr(block, name, None), torch.nn.Module)]
+    children = ", ".join(name for name, _ in block.named_children())
+    return (f" (its {type(block).__name__} layers lack {' and '.join(f'`{n}`' for n in missing)}; "
+            f"their children: {children})")
+
+
 @dataclass
 class DropoutHandle:
-    """What apply_dropout changed on a model; `remove()` restores it."""
+    """What apply_dropout changed on a model; `remove()` restores it.
+
+    A `scoped` handle acts only between `enter()` and `exit()` (or inside `activated()`): outside, its hooks pass
+    everything through and the model runs its own attention implementation, so a plain call of the model computes
+    what the stock model computes. Entries nest; `active` is True inside any of them (always, when not scoped)."""
 
     model: PreTrainedModel
     config: DropoutConfig
@@ -94,12 +114,50 @@ class DropoutHandle:
     selected: list[int] = field(default_factory=list)             # indices of the layers that get dropout
     attention_modules: list[torch.nn.Module] = field(default_factory=list)
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
+    scoped: bool = False
+    # scoped: (config object, its attention implementation outside, inside) for every config set_attn_implementation
+    # changed; switching is a plain attribute write, cheap enough for every forward (and every backward)
+    attn_switch: list[tuple[object, str | None, str | None]] = field(default_factory=list)
+    depth: int = 0
+
+    @property
+    def active(self) -> bool:
+        return not self.scoped or self.depth > 0
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            for config, _, inside in self.attn_switch:
+                config._attn_implementation_internal = inside
+
+    def exit(self) -> None:
+        if self.depth == 0:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            for config, outside, _ in self.attn_switch:
+                config._attn_implementation_internal = outside
+
+    def reset(self) -> None:
+        """Leave every entry (one a failed backward never left)."""
+        while self.depth:
+            self.exit()
+
+    @contextlib.contextmanager
+    def activated(self):
+        self.enter()
+        try:
+            yield self
+        finally:
+            self.exit()
 
     def remove(self) -> None:
+        self.reset()
+        self.attn_switch = []
         for hook in self.hooks:
             hook.remove()
         for module in self.attention_modules:
-            for attr in (attention.CONFIG_ATTR, attention.SINK_ATTR):
+            for attr in (attention.CONFIG_ATTR, attention.SINK_ATTR, attention.GATE_ATTR):
                 if hasattr(module, attr):
                     delattr(module, attr)
         if self.previous_attn is not None:
@@ -109,14 +167,15 @@ class DropoutHandle:
             delattr(self.model, _HANDLE_ATTR)
 
 
-def apply_dropout(model: torch.nn.Module, config: DropoutConfig) -> DropoutHandle:
+def apply_dropout(model: torch.nn.Module, config: DropoutConfig, scoped: bool = False) -> DropoutHandle:
     """Apply `config` to `model` (a PreTrainedModel or a PeftModel) in place and return a handle to undo it.
 
     Only the layers `config.layers` selects get dropout (the latter half by default, as in the paper).
     Attention-side dropout switches the model to the registered "hiddenkey" attention function (sdpa
     underneath; unselected layers take its plain sdpa path); hidden dropout adds a forward hook on each selected
     layer's MLP. Masks are drawn only in training mode: in eval mode the model computes exactly what it
-    computed before. Applying again replaces the previous configuration.
+    computed before. Applying again replaces the previous configuration. `scoped=True` (what HiddenKeyObjective
+    uses): nothing acts until `handle.enter()` / `with handle.activated():`.
     """
     base = unwrap_model(model)
     previous: DropoutHandle | None = getattr(base, _HANDLE_ATTR, None)
@@ -124,35 +183,69 @@ def apply_dropout(model: torch.nn.Module, config: DropoutConfig) -> DropoutHandl
         previous.remove()
     layers = decoder_layers(base)
     selected = config.layer_indices(len(layers))
-    handle = DropoutHandle(model=base, config=config, previous_attn=None, layers=layers, selected=selected)
+    handle = DropoutHandle(model=base, config=config, previous_attn=None, layers=layers, selected=selected,
+                           scoped=scoped)
     sink = None
     if config.keep_first_tokens and config.active:
         sink = SinkTokens(config.keep_first_tokens)
-        handle.hooks.append(base.get_decoder().register_forward_pre_hook(sink.record, with_kwargs=True))
+
+        def record(module, args, kwargs):
+            if handle.active:
+                sink.record(module, args, kwargs)
+
+        handle.hooks.append(base.get_decoder().register_forward_pre_hook(record, with_kwargs=True))
 
     if config.touches_attention:
         if not base._can_set_attn_implementation():
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{type(base).__name__} does not dispatch attention through transformers' AttentionInterface, so "
                 "key/attention dropout cannot be attached; use only `hidden` dropout with this model"
             )
         attention.register()
         current = base.config._attn_implementation
         if current != attention.ATTN_NAME:
-            handle.previous_attn = current
+            configs = _attn_configs(base)
+            outside = [c._attn_implementation_internal for c in configs]
             base.set_attn_implementation(attention.ATTN_NAME)
+            if scoped:
+                handle.attn_switch = [(c, before, c._attn_implementation_internal)
+                                      for c, before in zip(configs, outside)]
+                for c, before in zip(configs, outside):
+                    c._attn_implementation_internal = before
+            else:
+                handle.previous_attn = current
         for i in selected:
             setattr(layers[i].self_attn, attention.CONFIG_ATTR, config)
             if sink is not None:
                 setattr(layers[i].self_attn, attention.SINK_ATTR, sink)
+            if scoped:  # also when the model already runs the hiddenkey function outside the scope
+                setattr(layers[i].self_attn, attention.GATE_ATTR, lambda: handle.active)
             handle.attention_modules.append(layers[i].self_attn)
 
     if config.touches_hidden:
-        hook = make_mlp_hook(config.hidden, sink)
+        hook = make_mlp_hook(config.hidden, sink, gate=lambda: handle.active)
         handle.hooks += [layers[i].mlp.register_forward_hook(hook) for i in selected]
 
     setattr(base, _HANDLE_ATTR, handle)
     return handle
+
+
+def _attn_configs(base: PreTrainedModel) -> list:
+    """Every config object whose attention implementation set_attn_implementation may change."""
+    found, seen = [], set()
+
+    def add(config):
+        if config is not None and id(config) not in seen and hasattr(config, "_attn_implementation_internal"):
+            seen.add(id(config))
+            found.append(config)
+            for key in getattr(config, "sub_configs", {}) or {}:
+                add(getattr(config, key, None))
+
+    add(base.config)
+    for module in base.modules():
+        if isinstance(module, PreTrainedModel):
+            add(module.config)
+    return found
 
 
 def dropout_handle(model: torch.nn.Module) -> DropoutHandle | None:

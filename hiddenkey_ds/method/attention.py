@@ -24,6 +24,7 @@ from hiddenkey_ds.method.masks import SinkTokens, attention_keep, expected_keep
 ATTN_NAME = "hiddenkey"
 CONFIG_ATTR = "_hiddenkey_dropout"
 SINK_ATTR = "_hiddenkey_sink"   # a masks.SinkTokens when dropout.keep_first_tokens > 0
+GATE_ATTR = "_hiddenkey_gate"   # scoped handles: a callable, the dropout acts only while it returns True
 
 # What DropKey adds to a dropped logit. Large enough that exp() of it is exactly 0 next to any kept logit
 # in fp32/bf16/fp16, finite (so no -inf arithmetic and no NaN rows) and far from the causal/padding fill
@@ -115,7 +116,8 @@ def hiddenkey_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     cfg: DropoutConfig | None = getattr(module, CONFIG_ATTR, None)
-    if cfg is None or not module.training or not cfg.touches_attention:
+    gate = getattr(module, GATE_ATTR, None)
+    if cfg is None or not module.training or not cfg.touches_attention or (gate is not None and not gate()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
 

@@ -2,6 +2,8 @@
 add, applied by a forward hook so that no model class is edited."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -9,12 +11,13 @@ from hiddenkey_ds.method.config import HiddenDropout
 from hiddenkey_ds.method.masks import SinkTokens, expected_keep, hidden_keep
 
 
-def make_mlp_hook(spec: HiddenDropout, sink: SinkTokens | None = None):
-    """A forward hook for an MLP module: masks (and rescales) its output in training mode only. Positions the
-    `sink` protects pass through untouched (neither dropped nor rescaled)."""
+def make_mlp_hook(spec: HiddenDropout, sink: SinkTokens | None = None, gate: Callable[[], bool] | None = None):
+    """A forward hook for an MLP module: masks (and rescales) its output in training mode only, and only while
+    `gate()` is true when a gate is given. Positions the `sink` protects pass through untouched (neither dropped nor
+    rescaled)."""
 
     def hook(module: torch.nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
-        if not module.training or spec.rate == 0:
+        if not module.training or spec.rate == 0 or (gate is not None and not gate()):
             return None
         if spec.pattern == "element" and spec.rescale == "inverted":
             masked = F.dropout(output, spec.rate, training=True)  # the same thing, one fused kernel

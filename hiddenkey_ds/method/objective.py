@@ -22,6 +22,13 @@ Design points that matter for speed and for DeepSpeed:
 - The LM head runs only on supervised positions, in chunks of `chunk_tokens`, each chunk under activation
   checkpointing: the loss never holds a (batch x sequence x vocabulary) tensor. Under ZeRO-3 every rank makes
   the same number of head calls (the head's weight is gathered collectively), whatever its own token count.
+  What the model's own forward does to the head's output (Gemma-2's soft-capping, ...) is applied to each chunk
+  (method/heads.py).
+- The dropout hooks, the attention-implementation switch and this module's layer hooks act only inside this
+  module's forward and the backward of the loss it returned (where gradient checkpointing recomputes layers):
+  a plain call of the model in between is the stock model. One objective per model: a new one removes the
+  previous one's hooks (using the old one then raises); `remove()` (or `with HiddenKeyObjective(...) as o:`)
+  takes everything off. With every dropout off nothing is attached at all, so plain LoRA trains any layout.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ from torch.utils.checkpoint import checkpoint
 
 from hiddenkey_ds.method.apply import apply_dropout, decoder_layers, dropout_handle, unwrap_model
 from hiddenkey_ds.method.config import DropoutConfig
+from hiddenkey_ds.method.heads import logit_transform
+
+_OBJECTIVE_ATTR = "_hiddenkey_objective"
 
 
 class LossOutput(NamedTuple):
@@ -62,18 +72,20 @@ def consistency_terms(logp1: torch.Tensor, logp2: torch.Tensor, kind: str) -> to
 
 
 def _head_chunk(lm_head: torch.nn.Module, h1: torch.Tensor, h2: torch.Tensor | None, y: torch.Tensor,
-                kind: str, one_branch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_sum, consistency_sum, correct per token) for one chunk of supervised positions."""
-    logp1 = F.log_softmax(lm_head(h1).float(), dim=-1)
+                kind: str, one_branch: bool, post=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_sum, consistency_sum, correct per token) for one chunk of supervised positions; `post` is what the
+    model's forward applies after the head (heads.logit_transform; None: nothing)."""
+    post = post or (lambda logits: logits)
+    logp1 = F.log_softmax(post(lm_head(h1).float()), dim=-1)
     correct = logp1.detach().argmax(-1) == y
     ce = F.nll_loss(logp1, y, reduction="sum")
     if h2 is None:
         return ce, ce.new_zeros(()), correct
     if one_branch:
         with torch.no_grad():
-            logp2 = F.log_softmax(lm_head(h2).float(), dim=-1)
+            logp2 = F.log_softmax(post(lm_head(h2).float()), dim=-1)
     else:
-        logp2 = F.log_softmax(lm_head(h2).float(), dim=-1)
+        logp2 = F.log_softmax(post(lm_head(h2).float()), dim=-1)
         ce = 0.5 * (ce + F.nll_loss(logp2, y, reduction="sum"))
     return ce, consistency_terms(logp1, logp2, kind).sum(), correct
 
@@ -106,12 +118,26 @@ class HiddenKeyObjective(torch.nn.Module):
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        base = unwrap_model(model)
         self.model = model
         self.config = config
         self.chunk_tokens = chunk_tokens
-        handle = apply_dropout(model, config) if apply else dropout_handle(model)
-        self._layers = handle.layers if handle is not None else decoder_layers(unwrap_model(model))
-        selected = handle.selected if handle is not None and config.active else []
+        self._post_head = logit_transform(base)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._removed = False
+        self._depth = 0   # > 0 inside forward, and inside the backward of its loss
+        previous = getattr(base, _OBJECTIVE_ATTR, None)
+        if previous is not None:
+            previous.remove()  # one objective per model: its hooks would stack on ours
+        # `apply=False` borrows what apply_dropout already attached (always on, the caller's to remove); with every
+        # dropout off nothing is attached and no layout is required
+        if apply and config.active:
+            self._handle = apply_dropout(model, config, scoped=True)
+        else:
+            self._handle = None if apply else dropout_handle(model)
+        self._owns_handle = apply and self._handle is not None
+        self._layers = self._handle.layers if self._handle is not None else []
+        selected = self._handle.selected if self._handle is not None and config.active else []
         self.prefix = self._shared_prefix(selected) if share_prefix and config.dual_pass else 0
         # per-forward state of the layer hooks below
         self._dup_rows: int | None = None                     # both: duplicate batches of this many rows
@@ -120,8 +146,64 @@ class HiddenKeyObjective(torch.nn.Module):
         if self.prefix:
             hook = self._duplicate if config.consistency_grad == "both" else self._record
             for i in range(self.prefix, len(self._layers)):
-                self._layers[i].register_forward_pre_hook(
-                    lambda module, args, kwargs, i=i: hook(i, module, args, kwargs), with_kwargs=True)
+                self._hooks.append(self._layers[i].register_forward_pre_hook(
+                    lambda module, args, kwargs, i=i: hook(i, module, args, kwargs) if self._depth else None,
+                    with_kwargs=True))
+        # a plain attribute would make the model a submodule of itself through this module (a cycle for
+        # named_modules and for DeepSpeed): keep the back-reference out of nn.Module's registry
+        object.__setattr__(base, _OBJECTIVE_ATTR, self)
+
+    # -- hook lifetime ----------------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        self._depth += 1
+        if self._owns_handle:
+            self._handle.enter()
+
+    def _exit(self) -> None:
+        if self._depth:
+            self._depth -= 1
+            if self._owns_handle:
+                self._handle.exit()
+
+    def _check_usable(self) -> None:
+        if self._removed:
+            raise RuntimeError("this HiddenKeyObjective was removed, or replaced by a newer HiddenKeyObjective on the "
+                               "same model; build a new one to train through it")
+        if self._owns_handle and dropout_handle(self.model) is not self._handle:
+            raise RuntimeError("the dropout this HiddenKeyObjective attached was removed or replaced (apply_dropout / "
+                               "remove_dropout on its model); build a new objective")
+
+    def remove(self) -> None:
+        """Take this objective's hooks and dropout off the model (idempotent)."""
+        if self._removed:
+            return
+        self._removed = True
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._depth = 0
+        if self._owns_handle:
+            self._handle.remove()
+        base = unwrap_model(self.model)
+        if getattr(base, _OBJECTIVE_ATTR, None) is self:
+            object.__delattr__(base, _OBJECTIVE_ATTR)
+
+    @contextlib.contextmanager
+    def activated(self):
+        """The objective's dropout (and hooks) on for calls outside its forward: references that run the model
+        itself, measurements of `_passes`."""
+        self._check_usable()
+        self._enter()
+        try:
+            yield self
+        finally:
+            self._exit()
+
+    def __enter__(self) -> "HiddenKeyObjective":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     # -- the shared prefix ----------------------------------------------------------------------------------
     def _shared_prefix(self, selected: list[int]) -> int:
@@ -182,12 +264,13 @@ class HiddenKeyObjective(torch.nn.Module):
         batch = input_ids.shape[0]
         dual = self.training and self.config.dual_pass
         run = lambda ids, mask: decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        self._capture = None
         if not dual:
             self._dup_rows, self._dup_done = None, {}
             return run(input_ids, attention_mask), None
         if self.config.consistency_grad == "both":
             if self.prefix:
-                # stays set after forward: a layer recomputed in backward must be duplicated again
+                # kept with the loss: a layer recomputed in backward must be duplicated again (_ActiveInBackward)
                 self._dup_rows, self._dup_done = batch, {}
                 hidden = run(input_ids, attention_mask)
             else:
@@ -203,7 +286,7 @@ class HiddenKeyObjective(torch.nn.Module):
                 raise
             return hidden, self._replay()
         hidden = run(input_ids, attention_mask)
-        with torch.no_grad(), _checkpointing_off(self._layers):
+        with torch.no_grad(), _checkpointing_off(list(decoder.modules())):
             return hidden, run(input_ids, attention_mask)
 
     def _head_calls(self, n: int, lm_head: torch.nn.Module, device: torch.device) -> int:
@@ -218,6 +301,19 @@ class HiddenKeyObjective(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 normalizer: float | torch.Tensor | None = None) -> LossOutput:
+        self._check_usable()
+        while self._depth:  # a backward that failed half-way never left
+            self._exit()
+        self._enter()
+        try:
+            out = self._loss(input_ids, labels, attention_mask, normalizer)
+        finally:
+            self._exit()
+        if out.loss.requires_grad and (self._hooks or self._owns_handle):
+            out = out._replace(loss=_ActiveInBackward.apply(out.loss, self, (self._dup_rows, self._dup_done)))
+        return out
+
+    def _loss(self, input_ids, labels, attention_mask, normalizer) -> LossOutput:
         base = unwrap_model(self.model)
         decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
         batch = input_ids.shape[0]
@@ -236,7 +332,8 @@ class HiddenKeyObjective(torch.nn.Module):
         calls = self._head_calls(n, lm_head, hidden1.device)
         for start in range(0, calls * self.chunk_tokens, self.chunk_tokens):
             part = slice(start, start + self.chunk_tokens)  # past n: an empty chunk, for ZeRO-3's call count
-            args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency, one_branch)
+            args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency,
+                    one_branch, self._post_head)
             if torch.is_grad_enabled() and h1.requires_grad:
                 # reentrant: the recompute calls lm_head as a module again, so ZeRO-3 re-gathers its weight
                 # (the non-reentrant variant rejects a parameter whose storage ZeRO-3 swapped meanwhile)
@@ -267,6 +364,26 @@ class HiddenKeyObjective(torch.nn.Module):
             seq_correct=(has_tokens & (wrong_per_row == 0)).sum(),
             n_seqs=has_tokens.sum(),
         )
+
+
+class _ActiveInBackward(torch.autograd.Function):
+    """Identity on the loss whose backward turns the objective's hooks back on (with the state of the forward that
+    made this loss) until the end of that backward: gradient checkpointing recomputes layers there and must redraw
+    the same masks on the same rows. Being the last op of the forward, its backward runs before any recompute."""
+
+    @staticmethod
+    def forward(ctx, loss, objective, state):
+        ctx.objective, ctx.state = objective, state
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        objective = ctx.objective
+        if not objective._removed:
+            objective._dup_rows, objective._dup_done = ctx.state
+            objective._enter()
+            torch.autograd.Variable._execution_engine.queue_callback(objective._exit)
+        return grad, None, None
 
 
 @contextlib.contextmanager

@@ -121,12 +121,24 @@ def check_model(recipe: Recipe) -> None:
             f"{str(err).splitlines()[0]} (hint: this model's linear layers: {', '.join(linear)})"
         ]) from None
     problems = _structure_problems(peft_model, m.name) + layout_problems(peft_model, recipe.dropout) \
-        + _kernel_problems(recipe)
+        + _kernel_problems(recipe) + _head_transform_problems(peft_model)
     if problems:
         raise RecipeError(problems)
     head = peft_model.get_output_embeddings()
     if isinstance(head, BaseTunerLayer):
         _check_head_used_once(recipe)
+
+
+def _head_transform_problems(model) -> list[str]:
+    """The chunked loss must apply what the model's own forward does after its LM head (soft-capping, logit
+    scales): a model whose post-head step it does not know would train on other logits than lm-eval scores."""
+    from hiddenkey_ds.method.heads import head_problem
+
+    problem = head_problem(model)
+    return [] if problem is None else [
+        f"model.name: {problem} (hint: the loss would train on other logits than the model's forward, which lm-eval "
+        "scores; use a model whose forward returns its LM head's output, optionally soft-capped or scaled as Gemma, "
+        "Cohere and Granite do)"]
 
 
 def _structure_problems(model, name: str) -> list[str]:
