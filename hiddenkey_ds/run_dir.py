@@ -13,7 +13,8 @@ RUN_DIR/
   adapter_best/        the adapter of the best validation step (only for runs with a validation split)
   summary.json         written last: a run with it is finished and is never overwritten
   eval/                lm-eval results JSON (evaluation): results.json, results_best.json, their _4bit
-                       variants (QLoRA runs on their 4-bit base), base.json (the base model alone)
+                       variants (QLoRA runs on their 4-bit base), base.json (the base model alone);
+                       eval/tasks/ the lm-eval task generated for a recipe's own task (data.template)
   logs/                per-node / per-rank logs (launch.sh)
 ```
 
@@ -33,6 +34,7 @@ CHECKPOINT_COMPLETE = "COMPLETE"  # inside checkpoints/step_N/, written last by 
 SUMMARY = "summary.json"
 FINISHED_MARKER = SUMMARY  # the loop writes it last: its presence means the run is finished
 EVAL = "eval"
+EVAL_TASKS = "tasks"  # inside eval/: the lm-eval task generated for a recipe-defined task (data.template)
 LOGS = "logs"  # launch.sh writes it (per-node and per-rank logs)
 
 # adapter kind -> its directory; the final one always exists in a finished run, the best one only with validation
