@@ -41,7 +41,9 @@ def _absolute(path: str | None) -> str | None:
     # a local path resolves against the working directory, as training resolved it; a hub id stays as it is
     from hiddenkey_ds.data.loading import looks_local
 
-    if path is None or not looks_local(path):
+    if path is None or path.startswith("builtin:"):
+        return path
+    if not Path(path).expanduser().exists() and not looks_local(path):  # the loader's order: local first
         return path
     return str(Path(path).expanduser().resolve())
 
