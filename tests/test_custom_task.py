@@ -129,6 +129,8 @@ def _train_cli(recipe: Path, *overrides: str) -> list[str]:
     ("template-positional", ["data.template='Text: {} Topic:'"], {}, "data.template: a positional field {}"),
     ("template-attribute", ["data.template='Text: {text.upper} Topic:'"], {},
      "data.template: field {text.upper}: only plain column names"),
+    ("choices-same-first-token", ["data.choices={sports: ' sports', music: ' so-so', food: ' food', travel: ' travel'}"],
+     {}, "data.choices: ' sports' and ' so-so' start with the same token 267 after the prompt"),
     ("builtin-name", ["data.task=rte"], {}, "data.task: task 'rte' is a built-in task, but data.template"),
     ("choices-without-template", ["data.template=null", "data.task=sst2"], {}, "data.choices / data.label_field define a task"),
     ("sft-with-template", ["data.format=sft"], {}, "data.template defines a classification task, but data.format=sft"),
@@ -159,7 +161,7 @@ def test_choices_one_tokenizer_cannot_tell_apart_are_refused():
     import datasets
     from transformers import AutoTokenizer
 
-    from hiddenkey_ds.data.pipeline import _choice_problems
+    from hiddenkey_ds.data.pipeline import _choice_tokens
     from hiddenkey_ds.models.loading import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
@@ -169,12 +171,41 @@ def test_choices_one_tokenizer_cannot_tell_apart_are_refused():
 
     train = datasets.Dataset.from_list([{"text": "the goal", "label": 0}])
     t = custom_template("yn", "{text}?", [" Yes", " yes"], "label")
-    [problem] = _choice_problems(t, uncased, train)
+    [problem], _ = _choice_tokens(t, uncased, train)
     assert problem.startswith("data.choices: ' Yes' and ' yes' tokenize to the same ids") and "(hint: " in problem
-    assert _choice_problems(t, tok, train) == []
+    assert _choice_tokens(t, tok, train) == ([], [tok(" Yes", add_special_tokens=False)["input_ids"][0], 470])
 
 
 # -- data and the generated lm-eval task ---------------------------------------------------------------------------
+def test_choice_restricted_accuracy_is_the_argmax_among_the_answers_first_tokens():
+    """HiddenKeyObjective(choice_ids=...) counts a sequence right when, at its first answer position, the gold
+    token has the highest logit among the choices' first tokens; computed here from the model's full logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hiddenkey_ds.method import DropoutConfig, HiddenKeyObjective
+    from hiddenkey_ds.models.loading import resolve_model_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    objective = HiddenKeyObjective(model, DropoutConfig(), chunk_tokens=3).eval()
+    choices = torch.tensor([267, 284, 274, 330])
+    ids = torch.randint(5, 800, (6, 10))
+    labels = torch.full_like(ids, -100)
+    for row, (start, gold) in enumerate([(4, 267), (6, 284), (3, 274), (7, 330), (5, 267), (8, 284)]):
+        ids[row, start] = gold
+        labels[row, start:start + 2] = ids[row, start:start + 2]  # a two-token answer
+    with torch.no_grad():
+        out = objective(input_ids=ids, labels=labels, choice_ids=choices)
+        logits = model(input_ids=ids).logits
+    expected = 0
+    for row in range(6):
+        first = int((labels[row] != -100).nonzero()[0])
+        expected += int(choices[logits[row, first - 1, choices].argmax()] == labels[row, first])
+    assert 0 < expected < 6 and int(out.choice_correct) == expected  # neither trivially all nor none
+    assert objective(input_ids=ids, labels=labels).choice_correct is None
+
+
 def test_label_noise_and_carved_validation_on_class_names(tmp_path):
     from transformers import AutoTokenizer
 
@@ -249,7 +280,11 @@ def test_custom_task_trains_and_stock_lm_eval_equals_hiddenkey_eval(kind, tmp_pa
          "train.save_every=null", "data.label_noise=0.1", "eval.at_end=true"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert [m["step"] for m in metrics(run, "validation")] == [6, 12]
+    rows = metrics(run, "validation")
+    assert [m["step"] for m in rows] == [6, 12]
+    # the validation accuracy is the verbalizer's choice; the whole-answer argmax stays beside it
+    assert all(0.0 <= m["accuracy"] <= 1.0 and "answer_accuracy" in m for m in rows)
+    assert len(json.loads((run / "data_report.json").read_text())["choice_first_tokens"]) == choices
     assert json.loads((run / "data_report.json").read_text())["splits"]["train"]["labels_flipped"] > 0
     ours = json.loads((run / "eval" / "results.json").read_text())
     task = ours["hiddenkey_ds"]["tasks"][0]

@@ -77,26 +77,31 @@ def _label_problems(template: Any, splits: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _choice_problems(template: Any, tokenizer: Any, train: Any) -> list[str]:
-    """Two answers that tokenize to the same ids after a real prompt (characters the tokenizer maps to one unknown
-    token, say) are one class to the loss and to lm-eval: refused before the model loads."""
+def _choice_tokens(template: Any, tokenizer: Any, train: Any) -> tuple[list[str], list[int] | None]:
+    """(problems, the first token of each answer after a real prompt). Two answers with the same ids (characters
+    the tokenizer maps alike, say) are one class to the loss and to lm-eval. A task of the user's own also picks
+    its validation answer among the answers' first tokens (the choice-restricted accuracy), so those must differ.
+    Checked before the model loads."""
     if train is None or len(train) == 0:
-        return []
-    example = {k: v for k, v in train[0].items()}
+        return [], None
     try:
-        prompt = template.render_prompt(example)
+        prompt = template.render_prompt(dict(train[0]))
     except KeyError:
-        return []  # a missing column is reported by the column check
+        return [], None  # a missing column is reported by the column check
     pairs = split_ids(tokenizer, [prompt] * len(template.choices), list(template.choices), add_special_tokens=True)
-    seen: dict[tuple[int, ...], str] = {}
-    for choice, (_, ids) in zip(template.choices, pairs):
-        key = tuple(ids)
-        if key in seen:
-            return [f"data.choices: {seen[key]!r} and {choice!r} tokenize to the same ids {list(key)} after the "
+    answers = [tuple(ids) for _, ids in pairs]
+    for i, j in ((i, j) for i in range(len(answers)) for j in range(i)):
+        c_i, c_j = template.choices[i], template.choices[j]
+        if answers[i] == answers[j]:
+            return [f"data.choices: {c_j!r} and {c_i!r} tokenize to the same ids {list(answers[i])} after the "
                     "prompt, so neither training nor lm-eval can tell those classes apart (hint: choose answers "
-                    "this tokenizer writes differently, e.g. other words)"]
-        seen[key] = choice
-    return []
+                    "this tokenizer writes differently, e.g. other words)"], None
+        if not template.builtin and answers[i][:1] == answers[j][:1]:
+            return [f"data.choices: {c_j!r} and {c_i!r} start with the same token {answers[i][0]} after the "
+                    "prompt, and the validation accuracy picks the class among the answers' first tokens (hint: "
+                    "answers whose first word differs, e.g. ' sports' / ' music', or put the distinguishing word "
+                    "first)"], None
+    return [], [ids[0] for ids in answers]
 
 
 class _Renderer:
@@ -255,9 +260,11 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
                                                                    data.split_seed)
     render = _Renderer(data, tokenizer)
     if render.template is not None:
-        choice_problems = _choice_problems(render.template, tokenizer, splits["train"])
+        choice_problems, first_tokens = _choice_tokens(render.template, tokenizer, splits["train"])
         if choice_problems:
             raise RecipeError(choice_problems)
+        if not render.template.builtin:  # the built-in tasks keep their whole-answer accuracy (docs/recipes.md)
+            report.choice_first_tokens = first_tokens
     out: dict[str, Any] = {"train": None, "eval": None}
     problems = []
     for role, ds in splits.items():
