@@ -7,7 +7,9 @@ RUN_DIR/
   ds_config.json       the resolved DeepSpeed config
   data_report.json     what the data pipeline kept, carved and flipped
   metrics.jsonl        one JSON object per line: {"step", "split": "train"|"validation", "loss", "ce",
-                       "consistency", "lr", "accuracy" (validation), "tokens_per_s", "peak_mem_gib", "time"}
+                       "consistency", "lr", "accuracy" (validation; a task of
+                       the recipe's own: the verbalizer's choice, with "answer_accuracy"), "tokens_per_s",
+                       "peak_mem_gib", "time"}
   checkpoints/step_N/  DeepSpeed checkpoint of the trainable state; complete only when it holds COMPLETE
   adapter/             final PEFT adapter (adapter_config.json + adapter_model.safetensors + hiddenkey_ds.json)
   adapter_best/        the adapter of the best validation step (only for runs with a validation split)

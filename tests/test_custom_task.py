@@ -126,6 +126,7 @@ def _train_cli(recipe: Path, *overrides: str) -> list[str]:
     ("choices-twice", ["data.choices=[' sports', ' music', ' sports']"], {},
      "data.choices: choice(s) [' sports'] appear twice"),
     ("one-choice", ["data.choices=[' sports']"], {}, "data.choices: 1 choice(s): a classification task needs"),
+    ("template-unquoted", ["data.template={text}"], {}, "data.template: expected a string, got a YAML mapping"),
     ("template-positional", ["data.template='Text: {} Topic:'"], {}, "data.template: a positional field {}"),
     ("template-attribute", ["data.template='Text: {text.upper} Topic:'"], {},
      "data.template: field {text.upper}: only plain column names"),

@@ -151,6 +151,15 @@ class DataSection(_Section):
     )
     shuffle: bool = Field(True, description="reshuffle training data every epoch (seeded by run.seed and the epoch)")
 
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_quoted(cls, v: Any) -> Any:
+        if isinstance(v, (dict, set)):  # YAML reads an unquoted {text} as a mapping
+            raise ValueError("expected a string, got a YAML mapping: an unquoted {column} is read as one (hint: quote "
+                             "the template, e.g. template: \"Text: {text}\\nTopic:\" in the recipe, or "
+                             "data.template='Text: {text} Topic:' as an override)")
+        return v
+
     @field_validator("template")
     @classmethod
     def _template_fields(cls, v: str | None) -> str | None:
