@@ -155,7 +155,7 @@ def head_memory(variant, batch, seq, hidden, vocab, supervised, chunk_tokens=102
         total = 0.0
         for start in range(0, t.numel(), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            ce, cons, _ = checkpoint(_head_chunk, lm_head, h1[part], h2[part], t[part], "kl", False,
+            ce, cons, _, _ = checkpoint(_head_chunk, lm_head, h1[part], h2[part], t[part], "kl", False,
                                      use_reentrant=True)
             total = total + ce + cons
         (total / t.numel()).backward()

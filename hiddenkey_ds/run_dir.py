@@ -10,14 +10,17 @@ RUN_DIR/
                        python, device, world size, sha256 of every data file read (hub: id, revision,
                        fingerprint); one entry more per resume (hiddenkey_ds.provenance)
   metrics.jsonl        one JSON object per line: {"step", "split": "train"|"validation", "loss", "ce",
-                       "consistency", "lr", "accuracy" (validation), "tokens_per_s", "peak_mem_gib", "time"}
+                       "consistency", "lr", "accuracy" (validation; a task of
+                       the recipe's own: the verbalizer's choice, with "answer_accuracy"), "tokens_per_s",
+                       "peak_mem_gib", "time"}
   checkpoints/step_N/  DeepSpeed checkpoint of the trainable state; complete only when it holds COMPLETE
   adapter/             final PEFT adapter (adapter_config.json + adapter_model.safetensors + hiddenkey_ds.json)
   adapter_best/        the adapter of the best validation step (only for runs with a validation split); its
                        hiddenkey_ds.json is the best-so-far record, written with the weights (a resume reads it)
   summary.json         written last: a run with it is finished and is never overwritten
   eval/                lm-eval results JSON (evaluation): results.json, results_best.json, their _4bit
-                       variants (QLoRA runs on their 4-bit base), base.json (the base model alone)
+                       variants (QLoRA runs on their 4-bit base), base.json (the base model alone);
+                       eval/tasks/ the lm-eval task generated for a recipe's own task (data.template)
   logs/                per-node / per-rank logs (launch.sh)
 ```
 
@@ -38,6 +41,7 @@ CHECKPOINT_COMPLETE = "COMPLETE"  # inside checkpoints/step_N/, written last by 
 SUMMARY = "summary.json"
 FINISHED_MARKER = SUMMARY  # the loop writes it last: its presence means the run is finished
 EVAL = "eval"
+EVAL_TASKS = "tasks"  # inside eval/: the lm-eval task generated for a recipe-defined task (data.template)
 LOGS = "logs"  # launch.sh writes it (per-node and per-rank logs)
 
 # adapter kind -> its directory; the final one always exists in a finished run, the best one only with validation

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hiddenkey_ds.method.config import DropoutConfig
 
@@ -98,8 +98,22 @@ class DataSection(_Section):
         description="classification = prompt template + verbalizer, loss on the answer; sft = prompt/response or "
         "chat messages, loss on the response",
     )
+    template: str | None = Field(
+        None,
+        description="your own classification task: the prompt, a str.format template over the data's columns "
+        "(e.g. \"{text}\\nTopic:\"); with data.choices (and data.label_field) it replaces a built-in task, and "
+        "data.task names it (default custom; lm-eval task hk_NAME, generated into RUN_DIR/eval/tasks)",
+    )
+    choices: list[str] | dict[str, str] | None = Field(
+        None,
+        description="with data.template: the verbalizer, one answer text per class in label-id order, appended to the "
+        "prompt as written (e.g. [\" World\", \" Sports\"]), or {class name: answer text}; labels in the data are ids "
+        "or class names (for a list: the answers without surrounding spaces)",
+    )
+    label_field: str | None = Field(None, description="with data.template: the column holding the label (null = label)")
     task: str | None = Field(
-        None, description="template name for classification (rte, mrpc, sst2, cola, qnli, boolq); see data/templates.py"
+        None, description="template name for classification (rte, mrpc, sst2, cola, qnli, boolq; see "
+        "data/templates.py), or the name of the recipe's own task (data.template)"
     )
     path: str | None = Field(
         None,
@@ -142,13 +156,58 @@ class DataSection(_Section):
     )
     shuffle: bool = Field(True, description="reshuffle training data every epoch (seeded by run.seed and the epoch)")
 
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_quoted(cls, v: Any) -> Any:
+        if isinstance(v, (dict, set)):  # YAML reads an unquoted {text} as a mapping
+            raise ValueError("expected a string, got a YAML mapping: an unquoted {column} is read as one (hint: quote "
+                             "the template, e.g. template: \"Text: {text}\\nTopic:\" in the recipe, or "
+                             "data.template='Text: {text} Topic:' as an override)")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str | None) -> str | None:
+        if v is not None:
+            from hiddenkey_ds.data.templates import template_fields
+
+            try:
+                template_fields(v)
+            except ValueError as err:
+                raise ValueError(f"{err} (hint: the prompt is a str.format template over the data's columns, "
+                                 "e.g. \"{text}\\nTopic:\")") from None
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _usable_choices(cls, v: list[str] | dict[str, str] | None) -> list[str] | dict[str, str] | None:
+        if v is not None:
+            from hiddenkey_ds.data.templates import choice_problems
+
+            problem = choice_problems(v)
+            if problem:
+                raise ValueError(f"{problem} (hint: one distinct answer text per class, e.g. "
+                                 "[\" World\", \" Sports\"], or {class name: answer text})")
+        return v
+
     @field_validator("task")
     @classmethod
-    def _known_task(cls, v: str | None) -> str | None:
+    def _known_task(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from hiddenkey_ds.data.templates import DEFAULT_CUSTOM_NAME, TASK_NAME, get_template
+
+        if info.data.get("template") is not None:  # the recipe's own task: data.task only names it
+            v = DEFAULT_CUSTOM_NAME if v is None else v
+            try:
+                get_template(v)
+            except KeyError:
+                if not TASK_NAME.match(v):
+                    raise ValueError(f"task name {v!r} for data.template: it names the lm-eval task and its files "
+                                     "(hint: letters, digits and _, e.g. data.task=my_topics)") from None
+                return v
+            raise ValueError(f"task {v!r} is a built-in task, but data.template defines a task of its own (hint: "
+                             "give it another name, e.g. data.task=my_topics, or drop data.template)")
         if v is None:
             return v
-        from hiddenkey_ds.data.templates import get_template
-
         try:
             return get_template(v).name
         except KeyError as err:
@@ -167,6 +226,20 @@ class DataSection(_Section):
     def _format_needs(self) -> "DataSection":
         if self.label_noise and self.format != "classification":
             raise ValueError("label_noise flips class labels: it needs format=classification")
+        custom = self.template is not None
+        if custom and self.format != "classification":
+            raise ValueError("data.template defines a classification task, but data.format=sft (hint: set "
+                             "data.format=classification, or drop data.template for prompt/response data)")
+        if custom and self.choices is None:
+            raise ValueError("data.template without data.choices: the task has no verbalizer (hint: one answer "
+                             "text per class, e.g. data.choices='[\" World\", \" Sports\", \" Business\"]')")
+        if not custom and (self.choices is not None or self.label_field is not None):
+            raise ValueError("data.choices / data.label_field define a task of your own, but data.template is not "
+                             "set (hint: set data.template, the prompt over your columns; built-in tasks bring "
+                             "their own verbalizer and label column)")
+        if custom and self.path is None:
+            raise ValueError("data.template: a task of your own has no hub dataset to default to (hint: set "
+                             "data.path to its local directory or file, or a hub dataset id)")
         if self.format == "classification" and self.task is None:
             raise ValueError("format=classification needs a task template: set data.task (e.g. rte)")
         if self.path is None and self.task is None:

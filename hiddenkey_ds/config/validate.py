@@ -264,6 +264,8 @@ def _eval_task_problem(data: Any) -> str | None:
     if data.format != "classification" or not data.task:
         return ("eval.at_end: the run trains on free-form (sft) data, which has no multiple-choice task to score "
                 "(hint: name lm-eval tasks in eval.tasks, e.g. eval.tasks=[hk_rte], or set eval.at_end=false)")
+    if data.template:
+        return _custom_eval_task_problem(data)
     from hiddenkey_ds.data.templates import get_template
 
     template = get_template(data.task)
@@ -285,6 +287,35 @@ def _eval_task_problem(data: Any) -> str | None:
         return None  # a missing local path: the data check reports it
     return (f"eval.at_end: data.path={path!r} is a hub dataset other than the task's ({template.hub_path}), so no "
             f"lm-eval task scores it (hint: name the tasks in eval.tasks, or set eval.at_end=false)")
+
+
+def _custom_eval_task_problem(data: Any) -> str | None:
+    """The lm-eval task of a recipe's own task (data.template) scores data.eval_path, else data.eval_split of
+    data.path (hiddenkey_ds.evaluation.custom_task): say so now when neither exists, not after training."""
+    if data.eval_path is not None:
+        return None  # a missing file is reported by the data path check
+    hint = ("set data.eval_path=FILE (a labelled file of the same columns), or set eval.at_end=false and train "
+            "without a score")
+    if data.eval_split is None:
+        return (f"eval.at_end: data.eval_split is null and data.eval_path unset, so the lm-eval task of "
+                f"data.task={data.task} has no labelled split to score (hint: {hint})")
+    from hiddenkey_ds.data.loading import canonical_split, split_files
+
+    local = Path(data.path).expanduser()
+    if local.is_file():
+        return (f"eval.at_end: data.path={data.path!r} is a single file (the training data), so the lm-eval task of "
+                f"data.task={data.task} has no evaluation split to score (hint: {hint})")
+    if local.is_dir():
+        try:
+            files = split_files(local)
+        except ValueError:
+            return None  # two files for one split: reported by the data loader
+        split = canonical_split(data.eval_split)
+        if split not in files:
+            return (f"eval.at_end: {data.path} holds no file for data.eval_split={data.eval_split!r} (found "
+                    f"{', '.join(sorted(files)) or 'none'}), which the lm-eval task of data.task={data.task} scores "
+                    f"(hint: add {split}.jsonl (or dev.*) beside train.*, or {hint})")
+    return None
 
 
 def _ds_problems(recipe: Recipe, world_size: int | None) -> list[str]:

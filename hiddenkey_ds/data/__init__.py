@@ -13,6 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "TaskTemplate": "templates", "TEMPLATES": "templates", "SKIPPED": "templates", "get_template": "templates",
+    "template_for": "templates", "custom_template": "templates",
     "load_splits": "loading", "DataReport": "stats", "SplitReport": "stats",
     "build_datasets": "pipeline", "encode_pair": "encoding",
     "make_collator": "batching", "make_sampler": "batching", "ShardSampler": "batching",

@@ -13,9 +13,9 @@ _SHOW = 5  # row numbers quoted per problem
 
 def _text_fields(data: Any) -> list[str]:
     if data.format == "classification":
-        from hiddenkey_ds.data.templates import get_template
+        from hiddenkey_ds.data.templates import template_for
 
-        template = get_template(data.task)
+        template = template_for(data)
         return [*template.fields, template.label_field]
     if data.messages_field:
         return []  # a missing conversation is an invalid example, counted and dropped by the pipeline
@@ -51,6 +51,6 @@ def _missing_rows(ds: Any, column: str, batch: int = 4096) -> list[int]:
 
 
 def _label(data: Any) -> str:
-    from hiddenkey_ds.data.templates import get_template
+    from hiddenkey_ds.data.templates import template_for
 
-    return get_template(data.task).label_field
+    return template_for(data).label_field

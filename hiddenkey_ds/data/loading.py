@@ -130,7 +130,23 @@ def load_splits(data: Any, sources: list[dict[str, Any]] | None = None) -> dict[
     if data.eval_path is not None:
         out["eval"] = _load_eval_file(data.eval_path, sources)
         wanted.pop("eval", None)
+    return _load_roles(data, wanted, out, sources)
 
+
+def load_eval_split(data: Any) -> Any:
+    """The labelled split lm-eval scores a recipe's task on: data.eval_path, else data.eval_split of data.path
+    (never the validation carved from the training data, which picks adapter_best). Read as training reads it."""
+    if data.eval_path is not None:
+        return _load_eval_file(data.eval_path, [])
+    if data.eval_split is None:
+        raise RecipeError("data.eval_split is null and data.eval_path unset: the recipe names no labelled split to "
+                          "evaluate on (hint: set data.eval_path=FILE or data.eval_split=SPLIT)")
+    wanted = {"eval": (canonical_split(data.eval_split), "data.eval_split")}
+    return _load_roles(data, wanted, {"train": None, "eval": None}, [])["eval"]
+
+
+def _load_roles(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any],
+                sources: list[dict[str, Any]]) -> dict[str, Any]:
     path = data.path
     if path == TOY_SST2:
         sources += [{"split": split, "builtin": TOY_SST2} for split, _ in wanted.values()]
@@ -185,7 +201,8 @@ def _load_single_file(local: Path, path: str, wanted: dict[str, tuple[str, str]]
                       out: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
     if local.suffix not in BUILDERS:
         raise RecipeError(f"data.path: {path} has an unknown suffix (hint: one of {', '.join(BUILDERS)})")
-    out["train"] = _load_file(local, "train", sources)
+    if "train" in wanted:
+        out["train"] = _load_file(local, "train", sources)
     if "eval" in wanted:
         raise RecipeError(
             f"data.eval_split: data.path is the single file {path}, which holds only training data "
@@ -199,9 +216,9 @@ def _load_hub(data: Any, wanted: dict[str, tuple[str, str]], out: dict[str, Any]
               sources: list[dict[str, Any]]) -> dict[str, Any]:
     import datasets
 
-    from hiddenkey_ds.data.templates import get_template
+    from hiddenkey_ds.data.templates import template_for
 
-    template = get_template(data.task) if data.task else None
+    template = template_for(data) if data.task else None
     path = data.path or (template.hub_path if template else None)
     name = data.name
     if name is None and template is not None and path == template.hub_path:

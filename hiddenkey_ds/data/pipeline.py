@@ -10,7 +10,7 @@ from hiddenkey_ds.data.checks import missing_value_problems
 from hiddenkey_ds.data.encoding import OK, TOO_LONG, TRUNCATED, encode_pair, split_ids
 from hiddenkey_ds.data.loading import load_splits
 from hiddenkey_ds.data.stats import DataReport, SplitReport
-from hiddenkey_ds.data.templates import get_template
+from hiddenkey_ds.data.templates import template_for
 
 UNLABELLED, INVALID = "unlabelled", "invalid"
 _MAP_BATCH = 1000
@@ -18,7 +18,7 @@ _MAP_BATCH = 1000
 
 def _required_columns(data: Any) -> list[str]:
     if data.format == "classification":
-        template = get_template(data.task)
+        template = template_for(data)
         return [*template.fields, template.label_field]
     if data.messages_field:
         return [data.messages_field]
@@ -33,7 +33,10 @@ def _check_columns(data: Any, splits: dict[str, Any]) -> None:
             continue
         missing = [c for c in need if c not in ds.column_names]
         if missing:
-            if data.format == "classification":
+            if data.format == "classification" and data.template:
+                hint = (f"data.template {data.template!r} and data.label_field read columns {need}; rename them "
+                        f"to the data's own columns ({ds.column_names})")
+            elif data.format == "classification":
                 hint = (f"data.task={data.task} reads columns {need} (field names of the hub nyu-mll/glue / "
                         "super_glue datasets); is data.task right for this data?")
             else:
@@ -42,8 +45,63 @@ def _check_columns(data: Any, splits: dict[str, Any]) -> None:
                 f"data.path: the {role} split lacks column(s) {missing}; it has {ds.column_names} (hint: {hint})"
             )
     problems += missing_value_problems(data, splits)
+    if not problems and data.format == "classification":
+        problems += _label_problems(template_for(data), splits)
     if problems:
         raise RecipeError(problems)
+
+
+HIDDEN_LABEL = -1  # GLUE's test splits mark their withheld labels so: such rows are dropped and counted
+
+
+def _label_problems(template: Any, splits: dict[str, Any]) -> list[str]:
+    """One problem per split whose label column holds values that name no class (a 1-based id, a misspelt class
+    name): training on them would crash deep in tokenizing or silently drop rows."""
+    problems = []
+    for role, ds in splits.items():
+        if ds is None:
+            continue
+        bad: Counter = Counter()
+        for value in ds[template.label_field]:
+            if value is not None and value != HIDDEN_LABEL and template.resolve_label(value) is None:
+                bad[value if isinstance(value, (int, float, str)) else repr(value)] += 1
+        if bad:
+            shown = ", ".join(repr(v) for v in list(bad)[:5]) + (", ..." if len(bad) > 5 else "")
+            problems.append(
+                f"data.path: {sum(bad.values())} row(s) of the {role} split have a label outside the choices in "
+                f"column {template.label_field!r} ({shown}); task {template.name!r} takes labels "
+                f"{template.label_spelling()} (hint: "
+                + ("label ids count from 0, in the order of data.choices; class names are matched exactly"
+                   if not template.builtin else f"{template.name} labels are 0/1 as in the hub dataset")
+                + ")")
+    return problems
+
+
+def _choice_tokens(template: Any, tokenizer: Any, train: Any) -> tuple[list[str], list[int] | None]:
+    """(problems, the first token of each answer after a real prompt). Two answers with the same ids (characters
+    the tokenizer maps alike, say) are one class to the loss and to lm-eval. A task of the user's own also picks
+    its validation answer among the answers' first tokens (the choice-restricted accuracy), so those must differ.
+    Checked before the model loads."""
+    if train is None or len(train) == 0:
+        return [], None
+    try:
+        prompt = template.render_prompt(dict(train[0]))
+    except KeyError:
+        return [], None  # a missing column is reported by the column check
+    pairs = split_ids(tokenizer, [prompt] * len(template.choices), list(template.choices), add_special_tokens=True)
+    answers = [tuple(ids) for _, ids in pairs]
+    for i, j in ((i, j) for i in range(len(answers)) for j in range(i)):
+        c_i, c_j = template.choices[i], template.choices[j]
+        if answers[i] == answers[j]:
+            return [f"data.choices: {c_j!r} and {c_i!r} tokenize to the same ids {list(answers[i])} after the "
+                    "prompt, so neither training nor lm-eval can tell those classes apart (hint: choose answers "
+                    "this tokenizer writes differently, e.g. other words)"], None
+        if not template.builtin and answers[i][:1] == answers[j][:1]:
+            return [f"data.choices: {c_j!r} and {c_i!r} start with the same token {answers[i][0]} after the "
+                    "prompt, and the validation accuracy picks the class among the answers' first tokens (hint: "
+                    "answers whose first word differs, e.g. ' sports' / ' music', or put the distinguishing word "
+                    "first)"], None
+    return [], [ids[0] for ids in answers]
 
 
 class _Renderer:
@@ -52,7 +110,7 @@ class _Renderer:
     def __init__(self, data: Any, tokenizer: Any):
         self.data = data
         self.tokenizer = tokenizer
-        self.template = get_template(data.task) if data.format == "classification" else None
+        self.template = template_for(data) if data.format == "classification" else None
         self.use_chat = data.format == "sft" and (data.messages_field is not None or data.chat_template)
         if self.use_chat and not getattr(tokenizer, "chat_template", None):
             raise RecipeError(
@@ -174,7 +232,9 @@ def _flip_labels(ds: Any, template: Any, fraction: float, seed: tuple[int, int])
 
     def flip(example: dict, idx: int) -> dict:
         if idx in chosen:
-            example[field] = (template.label_id(example) + int(shifts[idx])) % k
+            new = (template.label_id(example) + int(shifts[idx])) % k
+            # written as the column spells labels: a column of class names stays one of strings
+            example[field] = template.label_names[new] if isinstance(example[field], str) else new
         return example
 
     return ds.map(flip, with_indices=True, keep_in_memory=True, load_from_cache_file=False,
@@ -190,7 +250,7 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     Raises RecipeError for missing columns, missing splits and splits left empty by filtering.
     """
     data = recipe.data
-    source = data.path or f"hub {get_template(data.task).hub_path}"
+    source = data.path or f"hub {template_for(data).hub_path}"
     report = DataReport(source=source, format=data.format, task=data.task, max_length=data.max_length)
     splits = load_splits(data, report.sources)
     _check_columns(data, splits)
@@ -199,6 +259,12 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
         splits["train"], splits["eval"], carved = _carve_validation(splits["train"], data.validation_from_train,
                                                                    data.split_seed)
     render = _Renderer(data, tokenizer)
+    if render.template is not None:
+        choice_problems, first_tokens = _choice_tokens(render.template, tokenizer, splits["train"])
+        if choice_problems:
+            raise RecipeError(choice_problems)
+        if not render.template.builtin:  # the built-in tasks keep their whole-answer accuracy (docs/recipes.md)
+            report.choice_first_tokens = first_tokens
     out: dict[str, Any] = {"train": None, "eval": None}
     problems = []
     for role, ds in splits.items():

@@ -47,6 +47,8 @@ class DataReport:
     max_length: int
     splits: dict[str, SplitReport] = field(default_factory=dict)
     sources: list[dict] = field(default_factory=list)  # what was read (hiddenkey_ds.data.loading.load_splits)
+    # a task of the user's own: the first token of each answer, among which validation picks (training/loop.py)
+    choice_first_tokens: list[int] | None = None
 
     def summary(self) -> str:
         head = f"data {self.source} ({self.format}{', ' + self.task if self.task else ''}, max_length {self.max_length})"
@@ -54,6 +56,8 @@ class DataReport:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        if out["choice_first_tokens"] is None:
+            del out["choice_first_tokens"]
         for name, split in self.splits.items():
             out["splits"][name]["dropped"] = split.dropped
         return out

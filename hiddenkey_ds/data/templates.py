@@ -10,13 +10,20 @@ Conventions
 * Every answer in ``choices`` starts with its separator (a space), and the training text is exactly
   ``render_prompt(ex) + render_answer(ex)``. In lm-eval that means ``target_delimiter: ""`` with
   ``doc_to_choice`` = ``choices``.
-* Label ids index ``choices``: ``choices[example[label_field]]``.
+* Label ids index ``choices``: ``choices[example[label_field]]``. A label may also be given as its class name
+  (``label_names``, for a recipe-defined task).
+
+A recipe defines its own task with ``data.template`` / ``data.choices`` / ``data.label_field``
+(``custom_template``); ``template_for(recipe.data)`` is the one way training, the start-up checks and the
+evaluation get a recipe's template, built-in or not.
 
 The wording follows lm-evaluation-harness' own GLUE / SuperGLUE tasks, the prompts the paper's line of
 LLaMA work evaluates with.
 """
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 
 
@@ -30,6 +37,8 @@ class TaskTemplate:
     hub_path: str | None = None   # where the task lives on the hub (for users with network)
     hub_name: str | None = None   # its configuration name
     eval_split: str = "validation"  # the labelled split evaluated on (GLUE test labels are hidden)
+    label_names: tuple[str, ...] | None = None  # class names a label may be given as (index = label id)
+    builtin: bool = True          # one of TEMPLATES (shipped lm-eval tasks), else defined by a recipe
 
     def render_prompt(self, example: dict) -> str:
         missing = [f for f in self.fields if f not in example]
@@ -49,14 +58,33 @@ class TaskTemplate:
         raw = example[self.label_field]
         if raw is None:  # a row without its label: JSON/CSV readers fill the column with None
             raise ValueError(f"task {self.name!r}: the example has no label (column {self.label_field!r} is empty)")
-        label = int(raw) if isinstance(raw, bool) or float(raw).is_integer() else None
-        if label is None or not 0 <= label < len(self.choices):
+        label = self.resolve_label(raw)
+        if label is None:
             # GLUE test splits carry label -1 (hidden labels): they cannot be trained or scored on
             raise ValueError(
-                f"task {self.name!r}: label {raw!r} is not one of 0..{len(self.choices) - 1} "
+                f"task {self.name!r}: label {raw!r} is not one of {self.label_spelling()} "
                 f"(verbalizer {list(self.choices)}); unlabelled test splits cannot be used"
             )
         return label
+
+    def resolve_label(self, raw: object) -> int | None:
+        """The label id of a raw label value (an id, a whole-number float or string, or a class name), or None."""
+        if isinstance(raw, str):
+            text = raw.strip()
+            if self.label_names is not None and text in self.label_names:
+                return self.label_names.index(text)
+            raw = text
+        try:
+            value = float(raw)  # CSV readers give "2" or 2.0 as readily as 2
+        except (TypeError, ValueError):
+            return None
+        if not value.is_integer() or not 0 <= value < len(self.choices):
+            return None
+        return int(value)
+
+    def label_spelling(self) -> str:
+        ids = f"0..{len(self.choices) - 1}"
+        return ids if self.label_names is None else f"{ids} or {list(self.label_names)}"
 
 
 def _clean(value: object) -> str:
@@ -113,3 +141,74 @@ def get_template(name: str) -> TaskTemplate:
     if key in SKIPPED:
         raise KeyError(f"task {name!r} is not supported: {SKIPPED[key]}")
     raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TEMPLATES))}")
+
+
+# ------------------------------------------------------------------------------------ recipe-defined tasks
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*\Z")  # it names the lm-eval task (hk_NAME) and its files
+DEFAULT_CUSTOM_NAME = "custom"
+
+
+def template_fields(prompt: str) -> tuple[str, ...]:
+    """The columns a ``str.format`` prompt reads, in order of first use. Raises ValueError for what the
+    renderer cannot do: positional ``{}``, attribute/index access, conversions, nested fields, lone braces."""
+    fields: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as err:
+        raise ValueError(f"{err} (a literal brace is written {{{{ or }}}})") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit():
+            raise ValueError("a positional field {} cannot name a column: write the column's name, e.g. {text}")
+        if not re.fullmatch(r"\w+", name) or conversion or spec:
+            raise ValueError(f"field {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}: "
+                             "only plain column names are allowed, e.g. {text}")
+        if name not in fields:
+            fields.append(name)
+    if not fields:
+        raise ValueError("the template names no column: write the data's fields in braces, e.g. {text}")
+    return tuple(fields)
+
+
+def choice_problems(choices: list[str] | dict[str, str]) -> str | None:
+    """Why a verbalizer cannot be used, or None."""
+    verbalizers = list(choices.values()) if isinstance(choices, dict) else list(choices)
+    if len(verbalizers) < 2:
+        return f"{len(verbalizers)} choice(s): a classification task needs at least two classes"
+    if any(not isinstance(v, str) or not v.strip() for v in verbalizers):
+        return f"every choice needs a non-blank answer text, got {verbalizers}"
+    if isinstance(choices, dict) and any(not str(k).strip() for k in choices):
+        return f"every class name needs text, got {list(choices)}"
+    twice = sorted({v for v in verbalizers if verbalizers.count(v) > 1})
+    if twice:
+        return f"choice(s) {twice} appear twice: two classes with one answer cannot be told apart"
+    stripped = [v.strip() for v in verbalizers]
+    if len(set(stripped)) < len(stripped):
+        return f"choices {verbalizers} differ only in whitespace: a class name would match two of them"
+    return None
+
+
+def custom_template(name: str, prompt: str, choices: list[str] | dict[str, str], label_field: str = "label",
+                    eval_split: str = "validation") -> TaskTemplate:
+    """A recipe-defined task. `choices` is the verbalizer (label id -> answer text, appended to the prompt as
+    written: " World" after "Topic:"), or {class name: answer text}; labels are ids or class names (for a
+    plain list, the answers without their surrounding whitespace)."""
+    problem = choice_problems(choices)
+    if problem:
+        raise ValueError(problem)
+    if isinstance(choices, dict):
+        names, verbalizers = tuple(str(k).strip() for k in choices), tuple(choices.values())
+    else:
+        verbalizers = tuple(choices)
+        names = tuple(v.strip() for v in verbalizers)
+    return TaskTemplate(name, template_fields(prompt), prompt, verbalizers, label_field=label_field,
+                        eval_split=eval_split, label_names=names, builtin=False)
+
+
+def template_for(data) -> TaskTemplate:
+    """The template of a recipe's `data` section: its own (data.template) or a built-in one (data.task)."""
+    if getattr(data, "template", None):
+        return custom_template(data.task or DEFAULT_CUSTOM_NAME, data.template, data.choices,
+                               data.label_field or "label", data.eval_split or "validation")
+    return get_template(data.task)

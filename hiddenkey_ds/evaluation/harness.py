@@ -271,7 +271,10 @@ def _task_of_data(data: Any) -> tuple[list[str], dict[str, str]]:
             "lm-eval tasks to run with --tasks, e.g. --tasks hk_rte, or eval.tasks in the recipe)"
         )
     from hiddenkey_ds.data.templates import get_template
+    from hiddenkey_ds.evaluation import custom_task
 
+    if custom_task.is_custom(data):  # generated into the run directory by run_eval (task_include_path)
+        return [custom_task.task_name(data)], {}
     template = get_template(task)
     if path is None or path == template.hub_path:
         return [f"hk_{template.name}"], {}
@@ -292,6 +295,24 @@ def _task_of_data(data: Any) -> tuple[list[str], dict[str, str]]:
     )
 
 
+def task_include_path(target: Target, tasks: list[str]) -> Path:
+    """The --include_path for `tasks`: the shipped eval/tasks/, or, when a run with a task of its own
+    (data.template) scores it, RUN_DIR/eval/tasks/ with that task's YAML generated from the run's recipe."""
+    from hiddenkey_ds.evaluation import custom_task
+
+    recipe = target.recipe
+    if recipe is None or target.run_dir is None or not custom_task.is_custom(recipe.data) \
+            or custom_task.task_name(recipe.data) not in tasks:
+        return TASKS_DIR
+    others = [t for t in tasks if t != custom_task.task_name(recipe.data)]
+    if others:
+        raise EvalError(f"tasks {others} with the run's own task {custom_task.task_name(recipe.data)}: the stock "
+                        "lm_eval command takes one --include_path, and the run's task has its own "
+                        f"({custom_task.tasks_dir(target.run_dir)}) (hint: evaluate them in two calls, "
+                        "--tasks for each)")
+    return custom_task.write_task(recipe.data, target.run_dir)
+
+
 def model_args(target: Target, adapter: Path | None = None, dtype: str | None = None) -> dict[str, Any]:
     """The HF model arguments, exactly as the stock command gets them (values are strings)."""
     from hiddenkey_ds.models.builtin import BuiltinModelError
@@ -310,9 +331,9 @@ def model_args(target: Target, adapter: Path | None = None, dtype: str | None = 
 
 
 def stock_command(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str], limit: float | None,
-                  batch_size: int, device: str) -> str:
+                  batch_size: int, device: str, include: Path = TASKS_DIR) -> str:
     parts = ["lm_eval", "--model", "hf", "--model_args", ",".join(f"{k}={v}" for k, v in margs.items()),
-             "--include_path", str(TASKS_DIR), "--tasks", ",".join(tasks)]
+             "--include_path", str(include), "--tasks", ",".join(tasks)]
     if metadata:
         parts += ["--metadata", json.dumps(metadata)]
     if limit is not None:
@@ -341,7 +362,7 @@ def default_device() -> str:
 
 
 def _evaluate(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str], limit: float | None,
-              batch_size: int, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+              batch_size: int, device: str, include: Path = TASKS_DIR) -> tuple[dict[str, Any], dict[str, Any]]:
     """(lm-eval results, facts about the model evaluated)."""
     # Mirrors what the stock CLI does with the same arguments: its TaskManager gets model_args | metadata as
     # task metadata, and its seeds are simple_evaluate's defaults.
@@ -352,9 +373,9 @@ def _evaluate(margs: dict[str, Any], tasks: list[str], metadata: dict[str, str],
     plain = {k: v for k, v in margs.items() if k != "quantization_config"}
     # Indexing lm-eval's thousands of stock task YAMLs takes 10-20 s per evaluation; our tasks need none of them,
     # so the full index is built only when a stock task is asked for (the task configs are the same either way).
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={**plain, **metadata})
+    manager = TaskManager(include_path=str(include), include_defaults=False, metadata={**plain, **metadata})
     if not all(manager.match_tasks([t]) for t in tasks):
-        manager = TaskManager(include_path=str(TASKS_DIR), metadata={**plain, **metadata})
+        manager = TaskManager(include_path=str(include), metadata={**plain, **metadata})
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         ours = sorted(n for n in manager.all_tasks if n.startswith("hk_"))
@@ -394,7 +415,10 @@ def _check_tasks_load(tasks: list[str], manager: Any) -> None:
     except Exception as err:  # noqa: BLE001 - whatever the dataset loader raises, the user gets it in one line
         what = f"{type(err).__name__}: {err}".splitlines()[0]
         local = [t for t in tasks if t.endswith("_local")]
-        if local:
+        if str(manager.include_path) != str(TASKS_DIR):  # the task generated for a run's data.template
+            hint = ("the run's own task reads the recipe's data.eval_path, else data.eval_split of data.path: "
+                    "check that file is still there")
+        elif local:
             names = ",".join(t.removeprefix("hk_").removesuffix("_local") for t in local)
             hint = (f"the _local tasks read DIR/{{train,dev}}.jsonl: pass --data-dir TASK=DIR for each of {names}, "
                     "e.g. --data-dir rte=../shared/data/glue/RTE")
@@ -470,19 +494,21 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
         batch_size = (target.recipe.eval if target.recipe is not None else EvalSection()).batch_size
     device = device or default_device()
     jobs = _plan_jobs(target, dtype, device, quantized, log)
+    include = task_include_path(target, tasks)
 
     from lm_eval.utils import make_table
 
     written = []
     environment = collect_provenance(world_size=1, device=device)
     for job in jobs:
-        stock = None if job.quantized else stock_command(job.margs, tasks, metadata, limit, batch_size, device)
+        stock = None if job.quantized else stock_command(job.margs, tasks, metadata, limit, batch_size, device,
+                                                         include)
         _announce(job, tasks, stock, log)
         started = time.time()
         # what is scored, read before lm-eval loads it: a run still training may replace adapter_best/ meanwhile
         scored = adapter_record(job.margs["peft"]) if "peft" in job.margs else None
         finished = target.run_dir is not None and is_finished(target.run_dir)
-        outcome = _run_job(job, tasks, metadata, limit, batch_size, device, quantized, log)
+        outcome = _run_job(job, tasks, metadata, limit, batch_size, device, quantized, log, include)
         if outcome is None:
             continue
         results, facts = outcome
@@ -567,12 +593,12 @@ def _announce(job: Job, tasks: list[str], stock: str | None, log) -> None:
 
 
 def _run_job(job: Job, tasks: list[str], metadata: dict[str, str], limit: float | None, batch_size: int,
-             device: str, quantized: str, log) -> tuple[dict[str, Any], dict[str, Any]] | None:
+             device: str, quantized: str, log, include: Path = TASKS_DIR) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(results, facts), or None when `--quantized auto` lets a 4-bit evaluation that bitsandbytes refuses go."""
     if not (job.quantized and quantized == "auto"):
-        return _evaluate(job.margs, tasks, metadata, limit, batch_size, device)
+        return _evaluate(job.margs, tasks, metadata, limit, batch_size, device, include)
     try:
-        return _evaluate(job.margs, tasks, metadata, limit, batch_size, device)
+        return _evaluate(job.margs, tasks, metadata, limit, batch_size, device, include)
     except (AssertionError, RuntimeError, ValueError, NotImplementedError, ImportError) as err:
         # bitsandbytes' CPU and older-GPU kernels reject some shapes/dtypes only when they run
         log(f"[eval] skipping the 4-bit evaluation: bitsandbytes failed on {device}: "

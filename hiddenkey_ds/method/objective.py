@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hiddenkey_ds.method.apply import apply_dropout, decoder_layers, dropout_handle, unwrap_model
+from hiddenkey_ds.method.apply import apply_dropout, dropout_handle, unwrap_model
 from hiddenkey_ds.method.config import DropoutConfig
 from hiddenkey_ds.method.heads import logit_transform
 
@@ -57,6 +57,8 @@ class LossOutput(NamedTuple):
     token_correct: torch.Tensor   # argmax == label at supervised positions (pass 1)
     seq_correct: torch.Tensor     # sequences with every supervised token right (pass 1)
     n_seqs: torch.Tensor          # sequences with at least one supervised token
+    # with `choice_ids`: sequences whose first supervised token is the argmax among the choices' first tokens
+    choice_correct: torch.Tensor | None = None
 
 
 def consistency_terms(logp1: torch.Tensor, logp2: torch.Tensor, kind: str) -> torch.Tensor:
@@ -72,22 +74,27 @@ def consistency_terms(logp1: torch.Tensor, logp2: torch.Tensor, kind: str) -> to
 
 
 def _head_chunk(lm_head: torch.nn.Module, h1: torch.Tensor, h2: torch.Tensor | None, y: torch.Tensor,
-                kind: str, one_branch: bool, post=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_sum, consistency_sum, correct per token) for one chunk of supervised positions; `post` is what the
-    model's forward applies after the head (heads.logit_transform; None: nothing)."""
+                kind: str, one_branch: bool, post=None, choice_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_sum, consistency_sum, correct per token, choice-restricted correct per token) for one chunk of
+    supervised positions (the last is `correct` when no `choice_ids` are given); `post` is what the model's
+    forward applies after the head (heads.logit_transform; None: nothing)."""
     post = post or (lambda logits: logits)
     logp1 = F.log_softmax(post(lm_head(h1).float()), dim=-1)
     correct = logp1.detach().argmax(-1) == y
+    choice_ok = correct
+    if choice_ids is not None:
+        choice_ok = choice_ids[logp1.detach()[:, choice_ids].argmax(-1)] == y
     ce = F.nll_loss(logp1, y, reduction="sum")
     if h2 is None:
-        return ce, ce.new_zeros(()), correct
+        return ce, ce.new_zeros(()), correct, choice_ok
     if one_branch:
         with torch.no_grad():
             logp2 = F.log_softmax(post(lm_head(h2).float()), dim=-1)
     else:
         logp2 = F.log_softmax(post(lm_head(h2).float()), dim=-1)
         ce = 0.5 * (ce + F.nll_loss(logp2, y, reduction="sum"))
-    return ce, consistency_terms(logp1, logp2, kind).sum(), correct
+    return ce, consistency_terms(logp1, logp2, kind).sum(), correct, choice_ok
 
 
 def _batch_rows(value: Any, rows: int, done: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
@@ -300,20 +307,20 @@ class HiddenKeyObjective(torch.nn.Module):
         return chunks
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                normalizer: float | torch.Tensor | None = None) -> LossOutput:
+                normalizer: float | torch.Tensor | None = None, choice_ids: torch.Tensor | None = None) -> LossOutput:
         self._check_usable()
         while self._depth:  # a backward that failed half-way never left
             self._exit()
         self._enter()
         try:
-            out = self._loss(input_ids, labels, attention_mask, normalizer)
+            out = self._loss(input_ids, labels, attention_mask, normalizer, choice_ids)
         finally:
             self._exit()
         if out.loss.requires_grad and (self._hooks or self._owns_handle):
             out = out._replace(loss=_ActiveInBackward.apply(out.loss, self, (self._dup_rows, self._dup_done)))
         return out
 
-    def _loss(self, input_ids, labels, attention_mask, normalizer) -> LossOutput:
+    def _loss(self, input_ids, labels, attention_mask, normalizer, choice_ids) -> LossOutput:
         base = unwrap_model(self.model)
         decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
         batch = input_ids.shape[0]
@@ -328,20 +335,21 @@ class HiddenKeyObjective(torch.nn.Module):
         one_branch = self.config.consistency_grad == "one_branch"
 
         ce_sum = cons_sum = hidden1.new_zeros((), dtype=torch.float32)
-        correct = []
+        correct, choice_ok = [], []
         calls = self._head_calls(n, lm_head, hidden1.device)
         for start in range(0, calls * self.chunk_tokens, self.chunk_tokens):
             part = slice(start, start + self.chunk_tokens)  # past n: an empty chunk, for ZeRO-3's call count
             args = (lm_head, h1[part], None if h2 is None else h2[part], y[part], self.config.consistency,
-                    one_branch, self._post_head)
+                    one_branch, self._post_head, choice_ids)
             if torch.is_grad_enabled() and h1.requires_grad:
                 # reentrant: the recompute calls lm_head as a module again, so ZeRO-3 re-gathers its weight
                 # (the non-reentrant variant rejects a parameter whose storage ZeRO-3 swapped meanwhile)
-                ce, cons, ok = checkpoint(_head_chunk, *args, use_reentrant=True)
+                ce, cons, ok, chose = checkpoint(_head_chunk, *args, use_reentrant=True)
             else:
-                ce, cons, ok = _head_chunk(*args)
+                ce, cons, ok, chose = _head_chunk(*args)
             ce_sum, cons_sum = ce_sum + ce, cons_sum + cons
             correct.append(ok)
+            choice_ok.append(chose)
 
         denom = normalizer if normalizer is not None else max(n, 1)
         loss = (ce_sum + self.config.alpha * cons_sum) / denom
@@ -355,6 +363,12 @@ class HiddenKeyObjective(torch.nn.Module):
         wrong_per_row = torch.zeros(batch, dtype=torch.long, device=y.device).index_add_(
             0, rows, (~correct_t).long())
         has_tokens = supervised.any(dim=1)
+        choice_correct = None
+        if choice_ids is not None:  # the verbalizer's choice is made at each sequence's first supervised token
+            first = torch.ones_like(rows, dtype=torch.bool)
+            first[1:] = rows[1:] != rows[:-1]
+            chose_t = torch.cat(choice_ok) if choice_ok else first
+            choice_correct = (chose_t & first).sum()
         return LossOutput(
             loss=loss,
             ce=(ce_sum / denom).detach(),
@@ -363,6 +377,7 @@ class HiddenKeyObjective(torch.nn.Module):
             token_correct=correct_t.sum(),
             seq_correct=(has_tokens & (wrong_per_row == 0)).sum(),
             n_seqs=has_tokens.sum(),
+            choice_correct=choice_correct,
         )
 
 

@@ -167,29 +167,39 @@ def to_device(batch: dict, device) -> dict:
 
 # ---------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
-def validation_metrics(engine, eval_ds, collate, micro_batch_size: int) -> dict[str, float]:
+def validation_metrics(engine, eval_ds, collate, micro_batch_size: int, choice_ids=None) -> dict[str, float]:
     """Validation loss and answer accuracy over the whole split, sharded over ranks, all-reduced.
+
+    accuracy: every answer token is the argmax over the vocabulary (the built-in tasks); with `choice_ids` (a task of
+    the user's own: the first token of each answer) it is the verbalizer's choice, the argmax among those tokens at
+    the answer's first position, and the whole-answer accuracy is reported as answer_accuracy.
 
     Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively): ranks whose shard
     runs out repeat an example with no supervised token, which counts for nothing."""
     rank, world = dist.get_rank(), dist.get_world_size()
     shard = list(range(rank, len(eval_ds), world))
     n_batches = -(-((len(eval_ds) + world - 1) // world) // micro_batch_size)
-    sums = torch.zeros(5, dtype=torch.float64)  # ce_sum, tokens, token_correct, seq_correct, seqs
+    sums = torch.zeros(6, dtype=torch.float64)  # ce_sum, tokens, token_correct, seq_correct, seqs, choice_correct
+    if choice_ids is not None:
+        choice_ids = torch.as_tensor(choice_ids, dtype=torch.long, device=engine.device)
     engine.eval()
     for i in range(n_batches):
         rows = shard[i * micro_batch_size:(i + 1) * micro_batch_size]
         batch = collate([eval_ds[j] for j in rows] if rows else [eval_ds[0]])
         if not rows:
             batch["labels"].fill_(-100)
-        out = engine(**to_device(batch, engine.device))
+        out = engine(**to_device(batch, engine.device), **({} if choice_ids is None else {"choice_ids": choice_ids}))
         n = out.n_tokens.item()
+        chosen = out.choice_correct.item() if out.choice_correct is not None else 0
         sums += torch.tensor([out.ce.item() * n, n, out.token_correct.item(), out.seq_correct.item(),
-                              out.n_seqs.item()], dtype=torch.float64)
+                              out.n_seqs.item(), chosen], dtype=torch.float64)
     engine.train()
-    ce_sum, tokens, token_correct, seq_correct, seqs = all_reduce_cpu(sums).tolist()
-    return {"loss": ce_sum / max(tokens, 1), "accuracy": seq_correct / max(seqs, 1),
-            "token_accuracy": token_correct / max(tokens, 1), "examples": int(seqs)}
+    ce_sum, tokens, token_correct, seq_correct, seqs, choice_correct = all_reduce_cpu(sums).tolist()
+    metrics = {"loss": ce_sum / max(tokens, 1), "accuracy": seq_correct / max(seqs, 1),
+               "token_accuracy": token_correct / max(tokens, 1), "examples": int(seqs)}
+    if choice_ids is not None:
+        metrics["answer_accuracy"], metrics["accuracy"] = metrics["accuracy"], choice_correct / max(seqs, 1)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -214,6 +224,7 @@ class Session:
     log: RunLogger
     best: Any  # BestAdapter
     step: int = 0  # optimizer steps done
+    choice_ids: Any = None  # a task of the user's own: its answers' first tokens (validation_metrics)
 
     def checkpoint_state(self) -> dict:
         return {"step": self.step, "data": self.batches.state_dict(), "best": self.best.state(),
@@ -288,7 +299,8 @@ def start_session(recipe, state, tokenizer, train_ds, eval_ds, data_report) -> S
     log = RunLogger(run_dir, rank, total_steps, alpha=recipe.dropout.alpha)
     log.monitor = engine.monitor if getattr(engine.monitor, "enabled", False) else None
     session = Session(recipe, run_dir, engine, model, MicroBatchStream(train_ds, sampler, collate, t.micro_batch_size),
-                      collate, eval_ds, total_steps, log, BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None))
+                      collate, eval_ds, total_steps, log, BestAdapter(run_dir, enabled=t.keep_best and eval_ds is not None),
+                      choice_ids=data_report.choice_first_tokens)
     if state.resume_from is not None:
         resume(session, state)
     else:
@@ -342,7 +354,7 @@ def run_steps(s: Session) -> None:
             s.log.train_line(s.step, window.reduce(), lr)
             window = s.log.new_window()
         if s.eval_ds is not None and t.eval_every and s.step % t.eval_every == 0 and not last:
-            metrics = validation_metrics(engine, s.eval_ds, s.collate, t.micro_batch_size)
+            metrics = validation_metrics(engine, s.eval_ds, s.collate, t.micro_batch_size, s.choice_ids)
             s.log.eval_line(s.step, metrics)
             s.best.consider(s.model, s.step, metrics)
         if t.save_every and s.step % t.save_every == 0 and not last:
@@ -358,7 +370,7 @@ def finish(s: Session) -> None:
     t = s.recipe.train
     final_eval = None
     if s.eval_ds is not None:
-        final_eval = validation_metrics(s.engine, s.eval_ds, s.collate, t.micro_batch_size)
+        final_eval = validation_metrics(s.engine, s.eval_ds, s.collate, t.micro_batch_size, s.choice_ids)
         s.log.eval_line(s.step, final_eval)
         s.best.consider(s.model, s.step, final_eval)
     save_checkpoint(s.engine, s.run_dir, s.step, s.checkpoint_state(), t.keep_checkpoints)
