@@ -23,6 +23,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ from typing import Any
 from hiddenkey_ds.config.schema import EvalSection, Recipe
 from hiddenkey_ds.resources import resource_dir
 from hiddenkey_ds.run_dir import (
-    ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished, is_run_dir, results_name,
+    ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, LOCK, SUMMARY, is_finished, is_run_dir, results_name,
     write_atomic,
 )
+from hiddenkey_ds.run_lock import RunDirLocked, RunLock, check_not_locked
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
 # builtin datasets of hiddenkey_ds.data with an lm-eval task of their own
@@ -503,6 +505,29 @@ def _provenance(target: Target, job: Job, tasks: list[str], metadata: dict[str, 
     }
 
 
+@contextmanager
+def run_dir_lock(target: str, out_dir: str | None):
+    """One writer per run directory: an evaluation writing a run's eval/ holds the run's lock (a training, a
+    sweep or another evaluation of it is refused meanwhile); one writing elsewhere (--out) only refuses a run a
+    live process is writing (its adapters may be half-saved). A model name or a lone adapter has no lock."""
+    path = Path(target).expanduser()
+    if not (is_run_dir(path) or (path / LOCK).exists()):
+        yield
+        return
+    lock, hint = RunLock(path, "hiddenkey-ds eval"), "evaluate it once that process has finished"
+    try:
+        if out_dir is None:
+            lock.acquire(key=f"eval {target}", hint=hint)
+        else:
+            check_not_locked(path, key=f"eval {target}", hint=hint)
+    except RunDirLocked as err:
+        raise EvalError(err.problems[0]) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _parse_data_dirs(values: list[str]) -> dict[str, str]:
     out = {}
     for value in values:
@@ -542,9 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if limit is not None and limit <= 0:
             raise EvalError(f"--limit {args.limit:g}: give a number of examples (>= 1) or a fraction in (0, 1)")
-        run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
-                 data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
-                 dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)
+        with run_dir_lock(args.target, args.out):
+            run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
+                     data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
+                     dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)
     except EvalError as err:
         print(f"hiddenkey-ds eval: error: {err}", file=sys.stderr)
         return 2
