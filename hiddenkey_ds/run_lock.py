@@ -1,5 +1,5 @@
-"""One writer per run directory: a training (rank 0, for the whole run) or an evaluation holds RUN_DIR/run.lock
-while it writes, and a second writer is refused with a message that names the holder.
+"""One writer per run directory: a training (rank 0, from its start-up checks to its end) or an evaluation holds
+RUN_DIR/run.lock while it writes, and a second writer is refused with a message that names the holder.
 
 The lock is filelock's SoftFileLock: a marker file created exclusively (this works on the shared file systems of
 a cluster, where flock often does not). The marker records the holder's pid, host and process start; filelock
@@ -66,6 +66,9 @@ def _refusal(run_dir: Path, key: str, hint: str) -> str:
             "nothing was touched)")
 
 
+TRAIN_KEY, TRAIN_HINT = "run.output_dir", "wait for it to finish, or choose another run.output_dir"
+
+
 class RunLock:
     """The exclusive lock on one run directory. `acquire` creates the directory if needed (and `release` removes
     it again when it is still empty, so a refused or failed start leaves nothing behind)."""
@@ -76,12 +79,17 @@ class RunLock:
         self._lock = None
         self._created: Path | None = None  # the outermost directory acquire created
 
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
+    def check(self, key: str = TRAIN_KEY, hint: str = TRAIN_HINT) -> None:
+        """Without touching anything: raise RunDirLocked naming the holder if a live process holds the lock (one
+        whose holder is gone from this host does not count: acquire clears it)."""
+        if not (self.run_dir / LOCK).exists():
+            return
+        info = _holder(self.run_dir)
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
+            return
+        raise RunDirLocked([_refusal(self.run_dir, key, hint)])
 
-    def acquire(self, key: str = "run.output_dir", hint: str = "wait for it to finish, or choose another "
-                "run.output_dir") -> None:
+    def acquire(self, key: str = TRAIN_KEY, hint: str = TRAIN_HINT) -> None:
         """Take the lock or raise RunDirLocked naming the holder; `key` and `hint` word the message."""
         from filelock import SoftFileLock, Timeout
 
@@ -133,18 +141,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def check_not_locked(run_dir: str | os.PathLike, key: str, hint: str) -> None:
-    """For a reader that writes elsewhere: refuse a run directory a live process is writing, without touching it.
-    A lock whose holder is gone from this host does not count (the next writer clears it)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / LOCK).exists():
-        return
-    info = _holder(run_dir)
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
-        return
-    raise RunDirLocked([_refusal(run_dir, key, hint)])
 
 
 def _alive(pid: int) -> bool:

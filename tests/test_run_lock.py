@@ -155,6 +155,27 @@ def test_eval_is_refused_while_a_live_writer_holds_the_run(live_holder, tmp_path
     assert tree(run) == before and not (tmp_path / "elsewhere").exists()
 
 
+def test_eval_holds_the_run_while_it_writes_and_a_training_is_refused(tmp_path, monkeypatch):
+    from hiddenkey_ds.evaluation import harness
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {}\n")  # a run directory; run_eval is replaced below
+    refusals = []
+
+    def run_eval(target, *args, lock=None, **kwargs):
+        lock.acquire()  # as run_eval does once its checks have passed
+        with pytest.raises(RunDirLocked) as err:
+            RunLock(run, "hiddenkey-ds train").acquire()
+        refusals.append(err.value.problems[0])
+        return []
+
+    monkeypatch.setattr(harness, "run_eval", run_eval)
+    assert harness.main([str(run), "--tasks", "hk_toy_sst2"]) == 0
+    assert f"being written by hiddenkey-ds eval (pid {os.getpid()} on host {HOST}" in refusals[0]
+    assert sorted(os.listdir(run)) == ["config.yaml"]  # released
+
+
 # ---------------------------------------------------------------------------------------------- collective blocks
 COLLECTIVE = """
 import json, os, sys

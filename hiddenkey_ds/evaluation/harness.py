@@ -34,7 +34,7 @@ from hiddenkey_ds.run_dir import (
     ADAPTER_CONFIG, ADAPTER_DIRS, BASE_RESULTS, CONFIG, EVAL, LOCK, SUMMARY, is_finished, is_run_dir, results_name,
     write_atomic,
 )
-from hiddenkey_ds.run_lock import RunDirLocked, RunLock, check_not_locked
+from hiddenkey_ds.run_lock import RunDirLocked, RunLock
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
 # builtin datasets of hiddenkey_ds.data with an lm-eval task of their own
@@ -374,14 +374,15 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
              batch_size: int | None = None, *, base_only: bool = False, base: str | None = None,
              data_dirs: dict[str, str] | None = None, device: str | None = None,
              out_dir: str | os.PathLike | None = None, dtype: str | None = None, quantized: str = "auto",
-             adapter: str | None = None, log=print) -> list[Path]:
+             adapter: str | None = None, log=print, lock: RunLock | None = None) -> list[Path]:
     """Evaluate and write results JSON(s); returns their paths.
 
     `run_dir` is a run directory, an adapter directory or (base_only) a model name. `adapter` picks a run's
     adapters: final (results.json), best (results_best.json), both; None = both when the run kept adapter_best/.
     `batch_size` None: the run's eval.batch_size, else the schema's default. `data_dirs` maps metadata keys of the
     local tasks (e.g. {"rte_dir": ...}) to directories. `quantized`: "auto" also scores a QLoRA adapter on its
-    4-bit base when bitsandbytes runs here, "never" skips that, "require" fails if it cannot.
+    4-bit base when bitsandbytes runs here, "never" skips that, "require" fails if it cannot. `lock` (from
+    run_dir_lock) is taken once the checks have passed, before anything is written.
     """
     target = resolve_target(str(run_dir), base=base, base_only=base_only, adapter=adapter)
     tasks, metadata = _tasks_and_metadata(target, tasks, data_dirs)
@@ -390,6 +391,8 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
         batch_size = (target.recipe.eval if target.recipe is not None else EvalSection()).batch_size
     device = device or default_device()
     jobs = _plan_jobs(target, dtype, device, quantized, log)
+    if lock is not None:
+        _locked(lock.acquire, run_dir)
 
     from lm_eval.utils import make_table
 
@@ -507,25 +510,26 @@ def _provenance(target: Target, job: Job, tasks: list[str], metadata: dict[str, 
 
 @contextmanager
 def run_dir_lock(target: str, out_dir: str | None):
-    """One writer per run directory: an evaluation writing a run's eval/ holds the run's lock (a training, a
-    sweep or another evaluation of it is refused meanwhile); one writing elsewhere (--out) only refuses a run a
-    live process is writing (its adapters may be half-saved). A model name or a lone adapter has no lock."""
+    """One writer per run directory. Refuses at once (without touching anything) a run a live process is writing;
+    yields the lock an evaluation writing the run's eval/ takes once its checks have passed (run_eval(lock=...)),
+    or None: results written elsewhere (--out), a model name, a lone adapter. Released on the way out."""
     path = Path(target).expanduser()
     if not (is_run_dir(path) or (path / LOCK).exists()):
-        yield
+        yield None
         return
-    lock, hint = RunLock(path, "hiddenkey-ds eval"), "evaluate it once that process has finished"
+    lock = RunLock(path, "hiddenkey-ds eval")
+    _locked(lock.check, target)
     try:
-        if out_dir is None:
-            lock.acquire(key=f"eval {target}", hint=hint)
-        else:
-            check_not_locked(path, key=f"eval {target}", hint=hint)
-    except RunDirLocked as err:
-        raise EvalError(err.problems[0]) from None
-    try:
-        yield
+        yield lock if out_dir is None else None
     finally:
         lock.release()
+
+
+def _locked(step, target) -> None:
+    try:
+        step(key=f"eval {target}", hint="evaluate it once that process has finished")
+    except RunDirLocked as err:
+        raise EvalError(err.problems[0]) from None
 
 
 def _parse_data_dirs(values: list[str]) -> dict[str, str]:
@@ -567,10 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if limit is not None and limit <= 0:
             raise EvalError(f"--limit {args.limit:g}: give a number of examples (>= 1) or a fraction in (0, 1)")
-        with run_dir_lock(args.target, args.out):
+        with run_dir_lock(args.target, args.out) as lock:
             run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
                      data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
-                     dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)
+                     dtype=args.dtype, quantized=args.quantized, adapter=args.adapter, lock=lock)
     except EvalError as err:
         print(f"hiddenkey-ds eval: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from hiddenkey_ds.config import RecipeError, load_recipe
 from hiddenkey_ds.distributed import deepspeed_safe_arch_list, free_port, is_rank_zero, launcher_world_size
-from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER, is_finished
+from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER
 from hiddenkey_ds.run_lock import RunLock
 from hiddenkey_ds.training.collective import run_collectively
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
@@ -161,40 +161,40 @@ class Session:
 
 def train(recipe_path: str, overrides: list[str]) -> Outcome:
     # Everything that can be checked without torch.distributed, DeepSpeed, the weights or the data comes first:
-    # a bad recipe, model or run directory then fails in seconds, before any process group or file exists.
+    # a bad recipe, model or run directory then fails in seconds, before any file exists (and, in a single
+    # process, before any process group: a multi-rank launch starts one first, to share a refusal).
     recipe = load_recipe(recipe_path, overrides, world_size=launcher_world_size())
-    lock = lock_run_dir(recipe)
+    lock = RunLock(recipe.run.output_dir, "hiddenkey-ds train")
     try:
-        return train_locked(recipe, recipe_path, overrides)
+        return train_locked(recipe, recipe_path, overrides, lock)
     finally:
-        lock.release()
+        lock.release()  # also when the run failed: the next writer is not refused
 
 
-def lock_run_dir(recipe) -> RunLock:
-    """One writer per run directory: rank 0 takes its lock before anything reads or writes it, and holds it until
-    the run ends (also on failure). A second writer is refused (RecipeError, exit 2) with the holder named; in a
-    multi-rank launch every rank learns of the refusal (the process group starts here for that: it costs
-    seconds, and a rank failing a later check alone would otherwise leave the others waiting in it)."""
-    run_dir = Path(recipe.run.output_dir)
-    lock = RunLock(run_dir, "hiddenkey-ds train")
-    if is_finished(run_dir):  # never written again: check_run_dir reports it
-        return lock
+def on_rank_zero_shared(what: str, block) -> None:
+    """`block` on rank 0, its refusal raised on every rank. A multi-rank launch starts its process group for this
+    at the first call (seconds; a rank failing a later check alone would otherwise leave the others waiting in
+    it); a single process needs none."""
     if launcher_world_size() == 1:
-        lock.acquire()
-        return lock
+        block()
+        return
     init_distributed()
-    run_collectively(f"locking {run_dir}", lock.acquire)
-    return lock
+    run_collectively(what, block)
 
 
-def train_locked(recipe, recipe_path: str, overrides: list[str]) -> Outcome:
+def train_locked(recipe, recipe_path: str, overrides: list[str], lock: RunLock) -> Outcome:
     run_dir = Path(recipe.run.output_dir)
+    # One writer per run directory: a live one (another training, a sweep, an evaluation) is named first, without
+    # touching anything; rank 0 takes the lock once the start-up checks have passed, before the data and the
+    # model, and holds it until the run ends.
+    on_rank_zero_shared(f"checking the lock of {run_dir}", lock.check)
     state = check_run_dir(recipe)
     if state.finished:
         if is_rank_zero():
             print(f"{run_dir} holds a finished run ({FINISHED_MARKER}); nothing to do")
         return Outcome(run_dir, evaluate_at_end=False)
     check_model(recipe)
+    on_rank_zero_shared(f"locking {run_dir}", lock.acquire)
 
     from hiddenkey_ds.data import build_datasets
     from hiddenkey_ds.models.loading import load_tokenizer
