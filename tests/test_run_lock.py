@@ -13,7 +13,7 @@ import pytest
 
 from hiddenkey_ds.run_dir import LOCK, LOCK_HOLDER, SUMMARY, write_atomic
 from hiddenkey_ds.run_lock import RunDirLocked, RunLock
-from train_runs import REPO, free_port, metrics, train, train_command, tree
+from train_runs import REPO, free_port, metrics, train_command, tree
 
 HOST = socket.gethostname()
 
@@ -228,6 +228,22 @@ def test_a_failed_block_on_one_rank_raises_on_every_rank():
 
 
 # ---------------------------------------------------------------------------------------------- real trainings
+def _ranks(cmd: list[str], env: dict, world: int = 2, timeout: float = 300) -> tuple[list[int], list[str]]:
+    """`cmd` started once per rank with the launcher's variables set, as srun or a per-node launcher does: no
+    torchrun agent that stops the other ranks when one exits. Returns each rank's exit status and output."""
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], outs
+
+
 RUN = ("train.max_steps=2", "train.log_every=1", "train.eval_every=null", "train.save_every=null",
        "data.max_train_examples=32", "data.max_eval_examples=8")
 
@@ -245,11 +261,10 @@ def test_two_concurrent_trainings_the_second_is_refused_on_every_rank_the_first_
         assert (run / LOCK_HOLDER).is_file(), first.communicate()[0] if first.poll() is not None else "no lock"
         before = tree(run)
         started = time.monotonic()
-        second = train("tiny-lora.yaml", run, *RUN, nproc=2, check=False, timeout=300)
-        output = second.stdout + second.stderr
-        # torchrun exits 1 when a rank fails and lists each rank's own exit status: both ranks exited 2
-        assert second.returncode != 0 and output.count("exitcode  : 2 ") == 2, output[-3000:]
-        assert output.count("is being written by") == 1, output[-3000:]  # one message
+        codes, outs = _ranks(*train_command("tiny-lora.yaml", run, *RUN, nproc=0))
+        output = "".join(outs)
+        assert codes == [2, 2], output[-3000:]  # every rank learnt of rank 0's refusal
+        assert output.count("is being written by") == 1, output[-3000:]  # printed once
         assert f"hiddenkey-ds train: 1 problem:\n  - run.output_dir: {run} is being written by hiddenkey-ds train " \
                f"(pid {first.pid} on host {HOST}, since " in output, output[-3000:]
         assert "Loading weights" not in output and time.monotonic() - started < 120  # before the model loads
@@ -268,28 +283,17 @@ def test_two_concurrent_trainings_the_second_is_refused_on_every_rank_the_first_
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_failed_adapter_save_on_rank_0_ends_every_rank_within_seconds(tmp_path):
-    """Ranks started one by one (as srun or a per-node launcher does: no torchrun agent that kills the rest when
-    one dies); rank 0's save_pretrained raises as on a full disk and rank 0 stays alive until the other rank has
-    exited, as an NCCL peer would see it. Before the collective save, rank 1 sat in the barrier after the save
+    """Ranks started one by one (_ranks); rank 0's save_pretrained raises as on a full disk and rank 0 stays alive
+    until the other rank has exited, as an NCCL peer would see it. Before the collective save, rank 1 sat in the barrier after the save
     until the distributed timeout."""
     run, exits, linger = tmp_path / "run", tmp_path / "exits", 240
     exits.mkdir()
     cmd, env = train_command("tiny-lora.yaml", run, *RUN, nproc=0, module="hkds_fail_save_train",
                              env={"FAIL_EXIT_DIR": str(exits), "FAIL_LINGER_S": str(linger)})
-    port = str(free_port())
     started = time.monotonic()
-    ranks = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=linger + 120)[0] for p in ranks]
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
+    codes, (rank0, rank1) = _ranks(cmd, env, timeout=linger + 120)
     wall = time.monotonic() - started
-    rank0, rank1 = outs
-    assert all(p.returncode not in (0, None) for p in ranks), [p.returncode for p in ranks]
+    assert codes == [1, 1], codes
     assert "OSError: [Errno 28] No space left on device (injected)" in rank0, rank0[-3000:]
     assert "hiddenkey-ds train: rank 0 failed while saving the adapter to " in rank1, rank1[-3000:]
     assert "No space left on device (injected)" in rank1
