@@ -248,7 +248,7 @@ RUN = ("train.max_steps=2", "train.log_every=1", "train.eval_every=null", "train
        "data.max_train_examples=32", "data.max_eval_examples=8")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~15-25 s of 2 cores; the lock itself and a refusal on every rank are tested above
 @pytest.mark.distributed
 def test_two_concurrent_trainings_the_second_is_refused_on_every_rank_the_first_finishes(tmp_path):
     run, go = tmp_path / "run", tmp_path / "go"
@@ -280,8 +280,7 @@ def test_two_concurrent_trainings_the_second_is_refused_on_every_rank_the_first_
     assert not (run / LOCK).exists() and not (run / LOCK_HOLDER).exists()  # released at the end
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.distributed  # 10-25 s of 2 cores: the one default-suite guard of the hang
 def test_a_failed_adapter_save_on_rank_0_ends_every_rank_within_seconds(tmp_path):
     """Ranks started one by one (_ranks); rank 0's save_pretrained raises as on a full disk and rank 0 stays alive
     until the other rank has exited, as an NCCL peer would see it. Before the collective save, rank 1 sat in the barrier after the save
