@@ -22,6 +22,8 @@ RUN_DIR/
                        variants (QLoRA runs on their 4-bit base), base.json (the base model alone);
                        eval/tasks/ the lm-eval task generated for a recipe's own task (data.template)
   logs/                per-node / per-rank logs (launch.sh)
+  run.lock             while a training or an evaluation writes the directory (run_lock.py): filelock's marker
+  run.lock.json        beside it: who holds it (host, pid, command, start time), for the refusal message
 ```
 
 A foundation module: it imports nothing of the package, so every layer may use it.
@@ -29,6 +31,7 @@ A foundation module: it imports nothing of the package, so every layer may use i
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -43,6 +46,8 @@ FINISHED_MARKER = SUMMARY  # the loop writes it last: its presence means the run
 EVAL = "eval"
 EVAL_TASKS = "tasks"  # inside eval/: the lm-eval task generated for a recipe-defined task (data.template)
 LOGS = "logs"  # launch.sh writes it (per-node and per-rank logs)
+LOCK = "run.lock"  # exists while one writer (a training, an evaluation) holds the directory: run_lock.py
+LOCK_HOLDER = "run.lock.json"  # the holder's host, pid, command and start time, for the message a refusal prints
 
 # adapter kind -> its directory; the final one always exists in a finished run, the best one only with validation
 ADAPTER_DIRS = {"final": "adapter", "best": "adapter_best"}
@@ -64,11 +69,45 @@ def results_name(kind: str | None, quantized: bool = False) -> str:
     return f"{RESULT_STEMS[kind or 'final']}{QUANTIZED_SUFFIX if quantized else ''}.json"
 
 
+# read once at import (os.umask can only be read by setting it): the mode a plain open() would give a new file
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write a run-directory file whole: a reader (a resume, an evaluation, a report) never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a run-directory file whole: a reader (a resume, an evaluation, a report) never sees half of it, and
+    after a crash or power loss the file holds either the old or the new text.
+
+    The temporary file is unique (two writers never share one) and lives in the same directory (os.replace is
+    atomic only within a file system); its data reaches the disk before the rename, and the directory entry after
+    it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; the file is shared like any other the run writes
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and Windows) refuse fsync on a directory; the data itself is synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_run_dir(path: str | Path) -> bool:

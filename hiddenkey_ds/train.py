@@ -44,6 +44,13 @@ def evaluate_after_training(outcome) -> int:
     return run_eval_process(cmd, "eval.at_end; the training run itself is finished")
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher adds --local_rank=N unless given --no_local_rank; LOCAL_RANK carries the same
@@ -51,18 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(USAGE)
         return 0 if argv else 2
+    from hiddenkey_ds.training.collective import RankFailed
     from hiddenkey_ds.training.loop import train
 
     try:
         outcome = train(argv[0], argv[1:])
     except user_errors() as err:
-        if is_rank_zero():  # every rank found the same problem; one message is enough
+        if is_rank_zero():  # every rank found the same problem (or learnt rank 0's); one message is enough
             print(f"hiddenkey-ds train: {err}", file=sys.stderr)
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_process_group()
         return 2
+    except RankFailed as err:
+        # the failing rank raised its own error (with its traceback); this one only learnt of it, in step
+        print(f"hiddenkey-ds train: {err} (see that rank's output for the traceback)", file=sys.stderr)
+        _leave_process_group()
+        return 1
     return evaluate_after_training(outcome) if outcome.evaluate_at_end else 0
 
 

@@ -12,12 +12,14 @@ import hiddenkey_ds
 PACKAGE = Path(hiddenkey_ds.__file__).resolve().parent
 
 # layer -> the layers it may import (besides itself). Top-level modules: errors, resources, distributed, run_dir and
-# provenance are the foundation; cli and train are entry points. run_dir (the run directory's names) is open to
-# every layer but the method, which does no I/O and imports nothing of the package; provenance (versions, commit,
-# content hashes) is open to the data layer, which hashes the files it reads.
-FOUNDATION = {"errors", "resources", "distributed", "run_dir", "provenance"}
+# provenance and run_lock are the foundation; cli and train are entry points. run_dir (the run directory's names)
+# is open to every layer but the method, which does no I/O and imports nothing of the package; provenance (versions,
+# commit, content hashes) is open to the data layer, which hashes the files it reads. run_lock (one writer per run
+# directory) uses the two foundation modules below it: its refusal is a RecipeError, its names come from run_dir.
+FOUNDATION = {"errors", "resources", "distributed", "run_dir", "provenance", "run_lock"}
 ALLOWED = {
     **{name: set() for name in FOUNDATION},
+    "run_lock": {"errors", "run_dir"},
     "method": set(),
     "data": {"errors", "run_dir", "provenance"},
     "config": {"errors", "resources", "run_dir", "method", "data"},

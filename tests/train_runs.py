@@ -17,11 +17,12 @@ FAKES = REPO / "tests" / "fakes"
 ZERO3_PARTITIONED = REPO / "tests" / "ds_configs" / "zero3_partitioned.json"
 
 
-def train(recipe: str, out_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
-          timeout: float = 600, module: str = "hiddenkey_ds.train", env: dict | None = None) -> subprocess.CompletedProcess:
-    """`module` (hiddenkey_ds.train, or tests/fakes' hkds_crash_train) on `recipe` with `nproc` torchrun ranks."""
+def train_command(recipe: str, out_dir: Path, *overrides: str, nproc: int = 1, module: str = "hiddenkey_ds.train",
+                  env: dict | None = None) -> tuple[list[str], dict]:
+    """(command, environment) of `module` (hiddenkey_ds.train, or one of tests/fakes) on `recipe` with `nproc`
+    torchrun ranks; nproc=0: the bare module, for a caller that sets the rank's environment itself."""
     args = [str(RECIPES / recipe), f"run.output_dir={out_dir}", *overrides]
-    if nproc == 1:
+    if nproc <= 1:
         cmd = [sys.executable, "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -29,6 +30,13 @@ def train(recipe: str, out_dir: Path, *overrides: str, nproc: int = 1, check: bo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if module != "hiddenkey_ds.train":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKES), env.get("PYTHONPATH", "")]))
+    return cmd, env
+
+
+def train(recipe: str, out_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
+          timeout: float = 600, module: str = "hiddenkey_ds.train", env: dict | None = None) -> subprocess.CompletedProcess:
+    """`module` (hiddenkey_ds.train, or tests/fakes' hkds_crash_train) on `recipe` with `nproc` torchrun ranks."""
+    cmd, env = train_command(recipe, out_dir, *overrides, nproc=nproc, module=module, env=env)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -28,6 +28,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ from hiddenkey_ds.config.schema import EvalSection, Recipe
 from hiddenkey_ds.resources import resource_dir
 from hiddenkey_ds.provenance import collect as collect_provenance, sha256_file
 from hiddenkey_ds.run_dir import (
-    ADAPTER_CONFIG, ADAPTER_DIRS, ADAPTER_META, ADAPTER_WEIGHTS, BASE_RESULTS, CONFIG, EVAL, SUMMARY, is_finished,
-    is_run_dir, results_name, write_atomic,
+    ADAPTER_CONFIG, ADAPTER_DIRS, ADAPTER_META, ADAPTER_WEIGHTS, BASE_RESULTS, CONFIG, EVAL, LOCK, SUMMARY,
+    is_finished, is_run_dir, results_name, write_atomic,
 )
+from hiddenkey_ds.run_lock import RunDirLocked, RunLock
 
 TASKS_DIR = resource_dir("eval_tasks")  # the checkout's eval/tasks/, or the copy a wheel ships
 # builtin datasets of hiddenkey_ds.data with an lm-eval task of their own
@@ -478,14 +480,15 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
              batch_size: int | None = None, *, base_only: bool = False, base: str | None = None,
              data_dirs: dict[str, str] | None = None, device: str | None = None,
              out_dir: str | os.PathLike | None = None, dtype: str | None = None, quantized: str = "auto",
-             adapter: str | None = None, log=print) -> list[Path]:
+             adapter: str | None = None, log=print, lock: RunLock | None = None) -> list[Path]:
     """Evaluate and write results JSON(s); returns their paths.
 
     `run_dir` is a run directory, an adapter directory or (base_only) a model name. `adapter` picks a run's
     adapters: final (results.json), best (results_best.json), both; None = both when the run kept adapter_best/.
     `batch_size` None: the run's eval.batch_size, else the schema's default. `data_dirs` maps metadata keys of the
     local tasks (e.g. {"rte_dir": ...}) to directories. `quantized`: "auto" also scores a QLoRA adapter on its
-    4-bit base when bitsandbytes runs here, "never" skips that, "require" fails if it cannot.
+    4-bit base when bitsandbytes runs here, "never" skips that, "require" fails if it cannot. `lock` (from
+    run_dir_lock) is taken once the checks have passed, before anything is written.
     """
     target = resolve_target(str(run_dir), base=base, base_only=base_only, adapter=adapter)
     tasks, metadata = _tasks_and_metadata(target, tasks, data_dirs)
@@ -495,6 +498,8 @@ def run_eval(run_dir: str | os.PathLike, tasks: list[str] | None = None, limit: 
     device = device or default_device()
     jobs = _plan_jobs(target, dtype, device, quantized, log)
     include = task_include_path(target, tasks)
+    if lock is not None:
+        _locked(lock.acquire, run_dir)
 
     from lm_eval.utils import make_table
 
@@ -624,6 +629,30 @@ def _provenance(target: Target, job: Job, tasks: list[str], metadata: dict[str, 
     }
 
 
+@contextmanager
+def run_dir_lock(target: str, out_dir: str | None):
+    """One writer per run directory. Refuses at once (without touching anything) a run a live process is writing;
+    yields the lock an evaluation writing the run's eval/ takes once its checks have passed (run_eval(lock=...)),
+    or None: results written elsewhere (--out), a model name, a lone adapter. Released on the way out."""
+    path = Path(target).expanduser()
+    if not (is_run_dir(path) or (path / LOCK).exists()):
+        yield None
+        return
+    lock = RunLock(path, "hiddenkey-ds eval")
+    _locked(lock.check, target)
+    try:
+        yield lock if out_dir is None else None
+    finally:
+        lock.release()
+
+
+def _locked(step, target) -> None:
+    try:
+        step(key=f"eval {target}", hint="evaluate it once that process has finished")
+    except RunDirLocked as err:
+        raise EvalError(err.problems[0]) from None
+
+
 def _parse_data_dirs(values: list[str]) -> dict[str, str]:
     out = {}
     for value in values:
@@ -709,9 +738,10 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(problems[0] if len(problems) == 1 else
                             f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-        run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
-                 data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
-                 dtype=args.dtype, quantized=args.quantized, adapter=args.adapter)
+        with run_dir_lock(args.target, args.out) as lock:
+            run_eval(args.target, tasks, limit, args.batch_size, base_only=args.base_only, base=args.base,
+                     data_dirs=_parse_data_dirs(args.data_dir), device=args.device, out_dir=args.out,
+                     dtype=args.dtype, quantized=args.quantized, adapter=args.adapter, lock=lock)
     except EvalError as err:
         print(f"hiddenkey-ds eval: error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from hiddenkey_ds.config.keys import flatten
 from hiddenkey_ds.provenance import sha256_file
 from hiddenkey_ds.run_dir import ADAPTER_META, ADAPTER_WEIGHTS, CHECKPOINT_COMPLETE as COMPLETE, CHECKPOINTS
+from hiddenkey_ds.training.collective import run_collectively
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -86,18 +87,20 @@ def save_checkpoint(engine, run_dir: str | os.PathLike, step: int, client_state:
     if (path / COMPLETE).is_file():
         dist.barrier()  # every rank sees the same marker before anyone moves on
         return path
-    if rank == 0 and path.exists():  # an incomplete leftover of a crashed save at the same step
-        shutil.rmtree(path)
-    dist.barrier()
+    # every block below is collective (a failure on one rank ends the save on all, instead of a barrier that
+    # waits for the distributed timeout): rank 0 removes an incomplete leftover of a crashed save at this step
+    run_collectively(f"clearing {path}", lambda: shutil.rmtree(path) if path.exists() else None)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
-    dist.barrier()  # every rank's files are on disk before the marker says so
-    if rank == 0:
+    # every rank's files are on disk before the marker says so
+    run_collectively(f"saving {path}", lambda: torch.save(_rng_state(), path / f"rng_rank{rank}.pt"), every_rank=True)
+
+    def mark_complete() -> None:
         _fsync_write(path / COMPLETE, json.dumps({"step": step}))
         for old in complete_checkpoints(run_dir)[:-keep]:
             _remove(old)
-    dist.barrier()
+
+    run_collectively(f"completing {path}", mark_complete)
     return path
 
 
@@ -138,30 +141,31 @@ def save_adapter(peft_model, out_dir: str | os.PathLike, meta: dict[str, Any] | 
 
     out_dir = Path(out_dir)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    rank = dist.get_rank()
-    saved: dict[str, torch.Tensor] = {}
+
+    def write() -> dict[str, torch.Tensor]:
+        expected = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
+        if not expected or all(v.numel() == 0 for v in expected.values()):
+            raise RuntimeError("the adapter state dict is empty: no LoRA weights to save")
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.save_pretrained(str(tmp), state_dict=expected, safe_serialization=True)
+        reloaded = load_file(str(tmp / ADAPTER_WEIGHTS))
+        if reloaded.keys() != expected.keys():
+            raise RuntimeError(f"saved adapter holds {sorted(reloaded)[:3]}..., expected {sorted(expected)[:3]}...")
+        for key, value in expected.items():
+            if value.shape != reloaded[key].shape or not torch.equal(value.to(reloaded[key].dtype), reloaded[key]):
+                raise RuntimeError(f"the reloaded adapter differs from the trained weights at {key}")
+        # the meta file is written last: a .tmp directory holding it is a complete adapter (see
+        # recover_adapter_dir); its sha256 names the weights an evaluation scored
+        record = {**(meta or {}), "sha256": sha256_file(tmp / ADAPTER_WEIGHTS)}
+        _fsync_write(tmp / ADAPTER_META, json.dumps(record, indent=2))
+        _swap_in(tmp, out_dir)
+        return reloaded
+
     with _gathered(trainable):
-        if rank == 0:
-            expected = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft_model).items()}
-            if not expected or all(v.numel() == 0 for v in expected.values()):
-                raise RuntimeError("the adapter state dict is empty: no LoRA weights to save")
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            peft_model.save_pretrained(str(tmp), state_dict=expected, safe_serialization=True)
-            reloaded = load_file(str(tmp / ADAPTER_WEIGHTS))
-            if reloaded.keys() != expected.keys():
-                raise RuntimeError(f"saved adapter holds {sorted(reloaded)[:3]}..., expected {sorted(expected)[:3]}...")
-            for key, value in expected.items():
-                if value.shape != reloaded[key].shape or not torch.equal(value.to(reloaded[key].dtype), reloaded[key]):
-                    raise RuntimeError(f"the reloaded adapter differs from the trained weights at {key}")
-            # the meta file is written last: a .tmp directory holding it is a complete adapter (see
-            # recover_adapter_dir); its sha256 names the weights an evaluation scored
-            record = {**(meta or {}), "sha256": sha256_file(tmp / ADAPTER_WEIGHTS)}
-            _fsync_write(tmp / ADAPTER_META, json.dumps(record, indent=2))
-            _swap_in(tmp, out_dir)
-            saved = reloaded
-    dist.barrier()
-    return saved
+        # rank 0 writes; every rank learns of a failure (an empty state dict, a reload mismatch, a full disk)
+        saved = run_collectively(f"saving the adapter to {out_dir}", write)
+    return saved or {}
 
 
 def _aside(out_dir: Path) -> tuple[Path, Path]:

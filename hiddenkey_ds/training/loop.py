@@ -19,6 +19,8 @@ import torch.distributed as dist
 from hiddenkey_ds.config import RecipeError, load_recipe
 from hiddenkey_ds.distributed import deepspeed_safe_arch_list, free_port, is_rank_zero, launcher_world_size
 from hiddenkey_ds.run_dir import ADAPTER_DIRS, DS_CONFIG, FINISHED_MARKER, PROVENANCE, write_atomic
+from hiddenkey_ds.run_lock import RunLock
+from hiddenkey_ds.training.collective import run_collectively
 from hiddenkey_ds.training.preflight import check_model, check_run_dir
 from hiddenkey_ds.training.run_log import RunLogger, all_reduce_cpu
 
@@ -34,10 +36,17 @@ def init_distributed() -> None:
     """One code path for `python`, `deepspeed` and `torchrun`: a single process gets a world of one."""
     import deepspeed
 
+    if dist.is_initialized():  # a multi-rank launch started it early, to share the run directory's lock
+        return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    from deepspeed.accelerator import get_accelerator
+
+    # the device deepspeed.initialize picks too; set now because the lock and start-up collectives come before it
+    # (NCCL refuses two ranks of a node on one device)
+    get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def enable_tensorboard(ds_config: dict, run_dir: Path) -> None:
@@ -233,15 +242,40 @@ class Session:
 
 def train(recipe_path: str, overrides: list[str]) -> Outcome:
     # Everything that can be checked without torch.distributed, DeepSpeed, the weights or the data comes first:
-    # a bad recipe, model or run directory then fails in seconds, before any process group or file exists.
+    # a bad recipe, model or run directory then fails in seconds, before any file exists (and, in a single
+    # process, before any process group: a multi-rank launch starts one first, to share a refusal).
     recipe = load_recipe(recipe_path, overrides, world_size=launcher_world_size())
+    lock = RunLock(recipe.run.output_dir, "hiddenkey-ds train")
+    try:
+        return train_locked(recipe, recipe_path, overrides, lock)
+    finally:
+        lock.release()  # also when the run failed: the next writer is not refused
+
+
+def on_rank_zero_shared(what: str, block) -> None:
+    """`block` on rank 0, its refusal raised on every rank. A multi-rank launch starts its process group for this
+    at the first call (seconds; a rank failing a later check alone would otherwise leave the others waiting in
+    it); a single process needs none."""
+    if launcher_world_size() == 1:
+        block()
+        return
+    init_distributed()
+    run_collectively(what, block)
+
+
+def train_locked(recipe, recipe_path: str, overrides: list[str], lock: RunLock) -> Outcome:
     run_dir = Path(recipe.run.output_dir)
+    # One writer per run directory: a live one (another training, a sweep, an evaluation) is named first, without
+    # touching anything; rank 0 takes the lock once the start-up checks have passed, before the data and the
+    # model, and holds it until the run ends.
+    on_rank_zero_shared(f"checking the lock of {run_dir}", lock.check)
     state = check_run_dir(recipe)
     if state.finished:
         if is_rank_zero():
             print(f"{run_dir} holds a finished run ({FINISHED_MARKER}); nothing to do")
         return Outcome(run_dir, evaluate_at_end=False)
     check_model(recipe)
+    on_rank_zero_shared(f"locking {run_dir}", lock.acquire)
 
     from hiddenkey_ds.data import build_datasets
     from hiddenkey_ds.models.loading import load_tokenizer
@@ -325,8 +359,9 @@ def resume(s: Session, state) -> None:
         s.log.info(best_note)
     s.log.resume_clock(client.get("elapsed_s"))
     s.log.truncate_after(s.step)
-    if dist.get_rank() == 0 and state.safe_changes:
-        s.log.write_recipe(s.recipe)  # evaluation and reports read the settings in use now
+    if state.safe_changes:
+        # evaluation and reports read the settings in use now
+        run_collectively("writing the resumed recipe", lambda: s.log.write_recipe(s.recipe))
         s.log.info("resumed with changed settings: " + ", ".join(
             f"{key} {old!r} -> {new!r}" for key, old, new in state.safe_changes))
     s.log.info(f"resumed from {state.resume_from} at step {s.step}")
@@ -375,7 +410,5 @@ def finish(s: Session) -> None:
         s.best.consider(s.model, s.step, final_eval)
     save_checkpoint(s.engine, s.run_dir, s.step, s.checkpoint_state(), t.keep_checkpoints)
     save_adapter(s.model, s.run_dir / ADAPTER_DIRS["final"], meta={"kind": "final", "step": s.step})
-    if dist.get_rank() == 0:
-        s.log.finish(s.step, final_eval, s.best.state())
-    dist.barrier()
+    run_collectively("writing the summary", lambda: s.log.finish(s.step, final_eval, s.best.state()))
     dist.destroy_process_group()

@@ -1,5 +1,8 @@
 """What a run tells the user and leaves on disk: rank-0 progress bar and log lines, metrics.jsonl, the
-resolved config, summary.json (written last: its presence marks a finished run)."""
+resolved config, summary.json (written last: its presence marks a finished run).
+
+The methods every rank calls (start, truncate_after, train_line, eval_line) write on rank 0 collectively
+(training/collective.py): a failed write (a full disk) ends every rank at once, not in the next all-reduce."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hiddenkey_ds import run_dir as layout
+from hiddenkey_ds.training.collective import run_collectively
 
 
 def peak_memory_gib() -> float:
@@ -82,8 +86,9 @@ class RunLogger:
             (self.bar.write if self.bar is not None else print)(message)
 
     def start(self, recipe, ds_config: dict, data_report: Any, model) -> None:
-        if self.rank != 0:
-            return
+        run_collectively("writing the run's start files", lambda: self._start(recipe, ds_config, data_report, model))
+
+    def _start(self, recipe, ds_config: dict, data_report: Any, model) -> None:
         self.write_recipe(recipe)
         layout.write_atomic(self.run_dir / layout.DS_CONFIG, json.dumps(ds_config, indent=2))
         self.metrics_path.write_text("")
@@ -102,7 +107,10 @@ class RunLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop metric lines of steps the resumed run will redo."""
-        if self.rank != 0 or not self.metrics_path.exists():
+        run_collectively(f"truncating {layout.METRICS}", lambda: self._truncate_after(step))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.metrics_path.exists():
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
@@ -119,8 +127,9 @@ class RunLogger:
                                        if isinstance(v, float) and k != "time"])
 
     def train_line(self, step: int, metrics: dict[str, float], lr: float) -> None:
-        if self.rank != 0:
-            return
+        run_collectively(f"logging step {step}", lambda: self._train_line(step, metrics, lr))
+
+    def _train_line(self, step: int, metrics: dict[str, float], lr: float) -> None:
         loss = metrics["ce"] + self.alpha * metrics["consistency"]
         row = {"step": step, "split": "train", "loss": loss, **metrics, "lr": lr}
         self._record(row)
@@ -130,8 +139,9 @@ class RunLogger:
                   f"peak mem {metrics['peak_mem_gib']:.2f} GiB")
 
     def eval_line(self, step: int, metrics: dict[str, float]) -> None:
-        if self.rank != 0:
-            return
+        run_collectively(f"logging the validation of step {step}", lambda: self._eval_line(step, metrics))
+
+    def _eval_line(self, step: int, metrics: dict[str, float]) -> None:
         self._record({"step": step, "split": "validation", **metrics})
         self.info(f"eval @ {step:>6} | loss {metrics['loss']:.4f} | accuracy {metrics['accuracy']:.4f} "
                   f"({metrics['examples']} examples)")
