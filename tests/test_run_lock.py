@@ -182,7 +182,11 @@ import json, os, sys
 import torch.distributed as dist
 from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.training.collective import RankFailed, RankRefused, run_collectively
+from deepspeed.accelerator import get_accelerator
 
+# as deepspeed.init_distributed does in training: DeepSpeed's CPU accelerator first set up after the gloo group
+# exists makes the process abort at exit ("terminate called without an active exception") about 1 run in 3
+get_accelerator()
 dist.init_process_group("gloo")
 rank, out = dist.get_rank(), {}
 
