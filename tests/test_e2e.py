@@ -15,6 +15,7 @@ import yaml
 from hiddenkey_ds.data import e2e
 from hiddenkey_ds.errors import RecipeError
 from hiddenkey_ds.evaluation import nlg_metrics
+from tests.test_packaging import installed  # noqa: F401  (the wheel-install fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "eval" / "tasks"
@@ -169,10 +170,10 @@ def test_local_task_without_directory_says_how_to_give_it():
     from lm_eval.tasks import TaskManager, get_task_dict
 
     with pytest.raises(ValueError, match="e2e_dir"):
-        get_task_dict(["hk_e2e_local"], TaskManager(include_path=str(TASKS), metadata={}))
+        get_task_dict(["hk_e2e_local"], TaskManager(include_path=str(TASKS), include_defaults=False, metadata={}))
 
 
-@pytest.mark.slow  # ~70 s: a tiny model generates for 4 MRs twice (greedy and beam 10), in-process and by the CLI
+@pytest.mark.slow  # ~90 s: a tiny model generates for 4 MRs twice (greedy and beam 10), in-process and by the CLI
 @pytest.mark.skipif(not SHARED_E2E.is_dir(), reason=f"{SHARED_E2E} (the E2E dev/test JSONL) is absent")
 def test_stock_lm_eval_cli_equals_python_api(tmp_path):
     import lm_eval
@@ -202,3 +203,19 @@ def test_stock_lm_eval_cli_equals_python_api(tmp_path):
         row = {k: v for k, v in ours["results"][task].items()}
         assert stock["results"][task] == row, task
         assert set(nlg_metrics.METRICS) <= {k.split(",")[0] for k in row}
+
+
+@pytest.mark.slow  # ~15 s: builds the wheel install of tests/test_packaging.py
+@pytest.mark.skipif(not SHARED_E2E.is_dir(), reason=f"{SHARED_E2E} (the E2E dev/test JSONL) is absent")
+def test_wheel_install_ships_the_e2e_tasks(installed):
+    """A non-editable install finds hk_e2e* among the shipped tasks and builds the local one (e2e.py imports the
+    installed package)."""
+    python, env, work = installed
+    code = ("from lm_eval.tasks import TaskManager, get_task_dict; from hiddenkey_ds.resources import resource_dir; "
+            f"m = TaskManager(include_path=str(resource_dir('eval_tasks')), metadata={{'e2e_dir': {str(SHARED_E2E)!r}}}); "
+            "print(sorted(n for n in m.all_tasks if n.startswith('hk_e2e'))); "
+            "t = get_task_dict(['hk_e2e_local'], m)['hk_e2e_local']; print(len(t.test_docs()))")
+    found = subprocess.run([str(python), "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert "['hk_e2e', 'hk_e2e_gpt2', 'hk_e2e_local', 'hk_e2e_local_gpt2']" in found.stdout
+    assert found.stdout.split()[-1] == "630"

@@ -89,16 +89,19 @@ def test_rouge_l_by_hand():
 
 
 def test_meteor_by_hand():
-    # nltk METEOR (alpha 0.9, beta 3, gamma 0.5), best reference per hypothesis, exact + Porter-stem matches:
+    # nltk's METEOR with METEOR 1.5's English parameters: Fmean = P R / (0.85 P + 0.15 R),
+    # score = Fmean (1 - 0.6 (chunks / matches)^0.2), best reference per hypothesis; exact + Porter-stem matches.
     #   H1 vs ref 1: 5 matches, P = R = 5/6. nltk aligns greedily from the sentence ends, so H1's second "the"
     #                takes ref 1's "the" (ref position 0): chunks "cat sat on" | "the" | "mat" = 3
-    #                -> 5/6 * (1 - 0.5 (3/5)^3) = 0.743333 (METEOR 1.5 picks the 2-chunk alignment: 0.806667)
-    #   H2 vs ref 2: a, dog exact, barks~barking by stem: m = 3, P = 1, R = 3/4,
-    #                Fmean = P R / (0.9 P + 0.1 R), 2 chunks -> Fmean * (1 - 0.5 (2/3)^3)         = 0.655271
-    #   (H2 vs ref 1: dog barks, P 2/3, R 1/2, 1 chunk -> 0.480769, lower)
-    h1 = 5 / 6 * (1 - 0.5 * (3 / 5) ** 3)
-    h2 = 0.75 / (0.9 + 0.075) * (1 - 0.5 * (2 / 3) ** 3)
-    assert m.meteor(HYPS, REFS) == pytest.approx((h1 + h2) / 2, abs=1e-6)
+    #                -> 5/6 (1 - 0.6 (3/5)^0.2) = 0.381893 (METEOR 1.5 would pick the 2-chunk alignment)
+    #   H1 vs ref 2: cat | on the mat: 4 matches, 2 chunks -> 2/3 (1 - 0.6 (1/2)^0.2) = 0.318446, lower
+    #   H2 vs ref 2: a, dog exact, barks~barking by stem: m = 3, P = 1, R = 3/4, 2 chunks ("a dog" | "barks")
+    #                -> 0.75 / (0.85 + 0.1125) (1 - 0.6 (2/3)^0.2) = 0.348105
+    #   H2 vs ref 1: dog barks, P 2/3, R 1/2, 1 chunk -> 0.248142, lower
+    h1 = 5 / 6 * (1 - 0.6 * (3 / 5) ** 0.2)
+    h2 = 0.75 / (0.85 + 0.1125) * (1 - 0.6 * (2 / 3) ** 0.2)
+    assert h1 == pytest.approx(0.381893, abs=1e-6) and h2 == pytest.approx(0.348105, abs=1e-6)
+    assert m.meteor(HYPS, REFS) == pytest.approx((h1 + h2) / 2, abs=1e-9)
 
 
 def test_cider_by_hand():
@@ -123,8 +126,9 @@ def test_identities():
     exact = [r[0] for r in refs]
     assert m.bleu(exact, refs) == pytest.approx(1.0)
     assert m.rouge_l(exact, refs) == pytest.approx(1.0)
-    # METEOR's best: one chunk, fragmentation penalty 0.5 (1/m)^3 with m = 6 and 4 words
-    assert m.meteor(exact, refs) == pytest.approx(((1 - 0.5 / 6 ** 3) + (1 - 0.5 / 4 ** 3)) / 2)
+    # METEOR's best: one chunk, fragmentation penalty 0.6 (1/m)^0.2 with m = 6 and 4 words (METEOR 1.5 too gives
+    # an exact short sentence less than 1)
+    assert m.meteor(exact, refs) == pytest.approx(((1 - 0.6 / 6 ** 0.2) + (1 - 0.6 / 4 ** 0.2)) / 2)
     empty = ["", ""]
     assert m.all_metrics(empty, refs) == {"bleu": 0.0, "nist": 0.0, "meteor": 0.0, "rouge_l": 0.0, "cider": 0.0}
     # a better hypothesis never scores lower than a worse one

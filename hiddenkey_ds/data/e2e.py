@@ -182,7 +182,7 @@ def carve_validation(records: list[E2ERecord], fraction: float, seed: int = 0
     recall of seen MRs, not generalization to unseen ones.
     """
     if not 0.0 < fraction < 1.0:
-        raise RecipeError(f"data.eval_fraction: {fraction} is not in (0, 1) (hint: e.g. 0.1)")
+        raise RecipeError(f"validation fraction: {fraction} is not in (0, 1) (hint: e.g. 0.1)")
     if len(records) < 2:
         raise RecipeError(f"data.path: {len(records)} MR(s) cannot be split into training and validation "
                           "(hint: use a larger file)")
