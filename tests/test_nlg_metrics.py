@@ -144,6 +144,10 @@ def test_bad_inputs():
         m.cider(HYPS, [REFS[0], [""]])
 
 
-def test_coco_tokenization_drops_punctuation_and_splits_currency():
+def test_coco_tokenization_follows_ptb_on_e2e_constructs():
+    # PTBTokenizer 3.4.1 (the official's jar) on these: "#" for the pound sign, quotes/periods/dashes split off and
+    # dropped with pycocoevalcap's punctuation list
     assert m.coco_tokenize("Blue Spice, near the £20-25. It's (ok).") == [
-        "blue", "spice", "near", "the", "£", "20-25", "it", "'s", "ok"]
+        "blue", "spice", "near", "the", "#", "20-25", "it", "'s", "ok"]
+    assert m.coco_tokenize("Known as 'average' , .Blue in the £20-£25 range, non- child friendly..") == [
+        "known", "as", "average", "blue", "in", "the", "#", "20", "#", "25", "range", "non", "child", "friendly"]

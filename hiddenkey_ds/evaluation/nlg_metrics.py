@@ -46,13 +46,19 @@ _COCO_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", "(", ")
 
 
 def coco_tokenize(text: str) -> list[str]:
-    """An approximation of Stanford PTBTokenizer -lowerCase (Java, not installable from PyPI) + pycocoevalcap's
-    punctuation removal: nltk's Treebank tokenizer, after splitting currency symbols off numbers and periods off
-    words before a space, as Stanford's does and nltk's (which only splits a string-final period) does not."""
+    """An approximation of Stanford PTBTokenizer 3.4.1 `-lowerCase` (Java; the official runs its jar) followed by
+    pycocoevalcap's punctuation removal: nltk's Treebank tokenizer after the rewrites below, each one a place where
+    the two differ on E2E references (benchmarks/e2e_official_check.py counts the agreement)."""
     from nltk.tokenize import TreebankWordTokenizer
 
-    text = re.sub(r"([£$€])", r" \1 ", text.replace("\n", " "))
-    text = re.sub(r"(?<=[^\s.])\.(?=\s)", " .", text)
+    text = text.replace("\n", " ")
+    text = text.replace("£", " # ")  # PTB 3.4.1 writes the pound sign as "#" (the Penn Treebank's convention)
+    text = re.sub(r"-(?=\s*[#$])", " - ", text)  # "£20-£25": the dash before a currency sign is a token
+    text = re.sub(r"(?<=\w)-(?=\s)|(?<!\S)-(?=\w)", " - ", text)  # "non- child", "family -friendly"
+    text = re.sub(r"(?<=\w)\.\.(?=\s|$)", " . . ", text)  # "friendly.." (PTB: two periods)
+    text = re.sub(r"(?<![\s.])\.(?=\s)", " .", text)  # a sentence-internal period ends a word (nltk: string-final only)
+    text = re.sub(r"(?<!\S)\.(?=[^\s.])", ". ", text)  # ", .Blue Spice": a word-initial period is its own token
+    text = re.sub(r"(?<!\S)'(?=\w)", "' ", text)  # an opening single quote is a token (PTB: `)
     return [t for t in TreebankWordTokenizer().tokenize(text.lower()) if t not in _COCO_PUNCT]
 
 
