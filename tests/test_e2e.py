@@ -173,7 +173,7 @@ def test_local_task_without_directory_says_how_to_give_it():
         get_task_dict(["hk_e2e_local"], TaskManager(include_path=str(TASKS), include_defaults=False, metadata={}))
 
 
-@pytest.mark.slow  # ~90 s: a tiny model generates for 4 MRs twice (greedy and beam 10), in-process and by the CLI
+@pytest.mark.slow  # ~100 s: a tiny model generates for 4 MRs twice (greedy and beam 10), in-process and by the CLI
 @pytest.mark.skipif(not SHARED_E2E.is_dir(), reason=f"{SHARED_E2E} (the E2E dev/test JSONL) is absent")
 def test_stock_lm_eval_cli_equals_python_api(tmp_path):
     import lm_eval

@@ -20,7 +20,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["bleu", "nist", "meteor", "rouge_l", "cider", "all_metrics", "mteval_tokenize", "coco_tokenize"]
+__all__ = ["bleu", "nist", "meteor", "rouge_l", "cider", "all_metrics", "METRICS", "METEOR_15_EN", "mteval_tokenize",
+           "coco_tokenize"]
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -40,7 +41,8 @@ def mteval_tokenize(text: str) -> list[str]:
     return Tokenizer13a()(text.translate(_ASCII_LOWER)).split()
 
 
-# PTBTokenizer's punctuation tokens that pycocoevalcap drops (ptbtokenizer.PUNCTUATIONS).
+# PTBTokenizer's punctuation tokens that pycocoevalcap drops (ptbtokenizer.PUNCTUATIONS), plus the brackets as nltk
+# leaves them (PTB writes them -LRB- ...).
 _COCO_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", "(", ")", "{", "}",
                ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 
